@@ -14,13 +14,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-class BadPayload(ValueError):
-    """The body cannot be decoded as the OTLP message it claims to be (HTTP 400)."""
-
-
-class PayloadTooLarge(ValueError):
-    """The body, once decompressed, is over the configured limit (HTTP 413)."""
-
+from tailscope.errors import BadPayload, PayloadTooLarge  # noqa: F401  (re-exported for decoders)
 
 @dataclass
 class Decoded:
