@@ -40,11 +40,16 @@ def export_parquet(
             if table not in EXPORT_TABLES:
                 raise ValueError(f"unknown table {table!r}; known: {', '.join(EXPORT_TABLES)}")
             where, params = _range_filter(table, start, end)
-            arrow = cur.execute(f"SELECT * FROM {table}{where}", params).fetch_arrow_table()
-            pq.write_table(arrow, out / f"{table}.parquet", compression="zstd")
-            counts[table] = arrow.num_rows
+            # Stream record batches so a large range never sits whole in memory.
+            reader = cur.execute(f"SELECT * FROM {table}{where}", params).to_arrow_reader(100_000)
+            rows = 0
+            with pq.ParquetWriter(out / f"{table}.parquet", reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+            counts[table] = rows
             if progress is not None:
-                progress(table, arrow.num_rows)
+                progress(table, rows)
     finally:
         cur.close()
     return counts
