@@ -102,3 +102,34 @@ def test_store_locked_by_a_running_writer_is_a_clear_error(stopped_store):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "tailscope", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "serve" in out.stdout and "demo" in out.stdout
+
+
+def test_schema_doc_is_current():
+    from collector.schema_doc import render
+
+    doc = open(cli.__file__.replace("tailscope/cli.py", "docs/schema.md")).read()
+    assert doc.strip() == render().strip(), "regenerate: python -m collector.schema_doc > docs/schema.md"
+
+
+def test_compose_file_references_real_entry_points():
+    """docker-compose.yml parses, and every command is a tailscope subcommand that accepts its flags."""
+    import pathlib
+
+    import yaml
+
+    compose = yaml.safe_load((pathlib.Path(cli.__file__).parent.parent / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"server", "agent", "demo"}
+    for name, svc in compose["services"].items():
+        command = svc["command"]
+        if command[0] in cli._DELEGATED:
+            import argparse
+            import importlib
+
+            module = importlib.import_module(cli._DELEGATED[command[0]][0])
+            parser = argparse.ArgumentParser()
+            module.add_arguments(parser)
+            parser.parse_args(command[1:])
+        else:
+            cli.build_parser().parse_args(command)
+    gpu = compose["services"]["agent"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
