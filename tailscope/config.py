@@ -100,6 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     # --- alerts -----------------------------------------------------------
     Setting("control_db", "", "SQLAlchemy URL for alert rules, webhooks and deliveries; default sqlite next to the DuckDB file."),
     Setting("alert_interval_s", 10, "How often the alert evaluator looks at the freshest data.", _positive_int),
+    Setting("alert_hold_down_s", 120, "Seconds an incident must stay recovered before its alert resolves (no flapping).", _non_negative_int),
     Setting("webhook_allow_hosts", (), "Comma-separated hosts webhooks may be sent to; empty allows any.", _tokens),
     Setting("public_url", "", "Base URL of the dashboard used in alert links; default http://HOST:PORT."),
     # --- dashboard --------------------------------------------------------
