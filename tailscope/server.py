@@ -143,7 +143,12 @@ def build_server(config: Config) -> Server:
         app.include_router(analyzer_router(analyzer))
 
     # --- alerts ------------------------------------------------------------
-    # (wired by the alerts issue: server.parts["alerts"] and its router)
+    from analyzer.alerts.api import make_router as alerts_router
+    from analyzer.alerts.service import AlertService
+
+    alerts = AlertService(config, analyzer)
+    server.parts["alerts"] = alerts
+    app.include_router(alerts_router(alerts))
 
     # --- dashboard ---------------------------------------------------------
     if config.dashboard and analyzer is not None:
