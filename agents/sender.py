@@ -1,0 +1,358 @@
+"""Delivery: a bounded in-memory queue → batches → the disk spool → OTLP/HTTP.
+
+Sources never block on the network: they ``submit`` into a bounded queue that
+drops and counts when full (sentry-python's worker pattern). One sender thread
+batches what arrived, encodes it as OTLP protobuf, writes it to the
+:class:`~agents.spool.Spool` and then drains the spool oldest first:
+
+- 2xx: the payload is removed (only now);
+- connection errors, 408, 429, 5xx: kept; retried after ``Retry-After`` when
+  the server sent one, else after an exponential backoff with full jitter;
+- any other 4xx (400 bad payload, 401 token, 413 too large): the server will
+  never take it, so it is a poison payload: logged once per status and
+  dropped, counted.
+
+The counters go out as the agent's own metrics ``tailscope.agent.spool.*``
+with the next batch.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
+
+from agents.otlp_encode import LogEvent, MetricPoint, encode_logs, encode_metrics
+from agents.spool import Spool, SpoolItem
+
+log = logging.getLogger("tailscope.agent.sender")
+
+__all__ = ["ItemQueue", "Sender", "classify", "retry_after_seconds", "upload_profiler_trace", "UploadResult"]
+
+RETRYABLE = frozenset({408, 429})
+
+
+def classify(status: int) -> str:
+    """``ok`` (2xx), ``retry`` (408, 429, 5xx) or ``poison`` (any other status)."""
+    if 200 <= status < 300:
+        return "ok"
+    if status in RETRYABLE or status >= 500:
+        return "retry"
+    return "poison"
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Parse ``Retry-After`` (delta-seconds or an HTTP date); ``None`` when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class ItemQueue:
+    """A bounded queue sources put items into; never blocks, drops and counts when full."""
+
+    def __init__(self, maxsize: int = 20_000) -> None:
+        if maxsize <= 0:
+            raise ValueError(f"queue size must be > 0, got {maxsize}")
+        self._q: queue.Queue[Any] = queue.Queue(maxsize)
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def submit(self, item: Any) -> bool:
+        try:
+            self._q.put_nowait(item)
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+                first = self.dropped == 1
+            if first:
+                log.warning("agent queue full (%d items): dropping new items until the sender catches up", self._q.maxsize)
+            return False
+
+    def get(self, timeout: float) -> Any:
+        return self._q.get(timeout=timeout)
+
+    def get_nowait(self) -> Any:
+        return self._q.get_nowait()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+
+@dataclass
+class Counters:
+    sent_payloads: int = 0
+    sent_bytes: int = 0
+    poison_payloads: int = 0
+    failures: int = 0
+
+
+class Sender:
+    """The sender thread (see the module docstring).
+
+    Args:
+        server: base URL, e.g. ``http://127.0.0.1:4318``.
+        token: bearer token or ``None``.
+        spool: the disk spool (shared with a previous run of the agent).
+        items: the queue sources submit into.
+        resource: the agent's resource, put on its own counters.
+        batch_max: most items per payload.
+        flush_interval: longest time an item waits in memory before it is spooled.
+        timeout: per-request HTTP timeout (s).
+        backoff_base / backoff_max: exponential backoff bounds (s).
+    """
+
+    def __init__(self, server: str, token: str | None, spool: Spool, items: ItemQueue, resource: Mapping[str, Any],
+                 batch_max: int = 2000, flush_interval: float = 1.0, timeout: float = 10.0,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 client: httpx.Client | None = None) -> None:
+        if batch_max <= 0:
+            raise ValueError(f"batch_max must be > 0, got {batch_max}")
+        self.server = server.rstrip("/")
+        self.token = token
+        self.spool = spool
+        self.items = items
+        self.resource = dict(resource)
+        self.batch_max = batch_max
+        self.flush_interval = flush_interval
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.client = client or httpx.Client(timeout=timeout, headers=self._headers())
+        self.counters = Counters()
+        self._attempt = 0
+        self._next_try = 0.0  # monotonic time of the next send attempt
+        self._outage_since: float | None = None
+        self._poison_logged: set[int] = set()
+        self._stop = threading.Event()
+        self._flush_now = threading.Event()
+        self._deadline = float("inf")
+        self._thread: threading.Thread | None = None
+        self._pending: list[Any] = []
+        self._pending_since = 0.0
+        self._busy = threading.Lock()
+        self._start_ns = time.time_ns()
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/x-protobuf", "User-Agent": "tailscope-agent/0.1"}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    # --- batching ---------------------------------------------------------------
+    def own_metrics(self, now_ns: int) -> list[MetricPoint]:
+        """The agent's delivery counters (spec: ``tailscope.agent.spool.dropped/.bytes/.sent``)."""
+        r, s = self.resource, self._start_ns
+        dropped = {
+            "spool_full": self.spool.dropped_payloads,
+            "poison": self.counters.poison_payloads,
+            "queue_full": self.items.dropped,
+        }
+        pts = [MetricPoint.make("tailscope.agent.spool.dropped", n, now_ns, {"reason": reason}, r, kind="sum",
+                                monotonic=True, start_time_unix_nano=s, unit="{payload}" if reason != "queue_full" else "{item}")
+               for reason, n in dropped.items()]
+        pts.append(MetricPoint.make("tailscope.agent.spool.bytes", self.spool.bytes, now_ns, {}, r, unit="By"))
+        pts.append(MetricPoint.make("tailscope.agent.spool.sent", self.counters.sent_payloads, now_ns, {}, r, kind="sum",
+                                    monotonic=True, start_time_unix_nano=s, unit="{payload}"))
+        return pts
+
+    def _spool_pending(self) -> None:
+        """Encode what is in memory into payloads and write them to the spool."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        metrics = [i for i in batch if isinstance(i, MetricPoint)]
+        logs = [i for i in batch if isinstance(i, LogEvent)]
+        if metrics:
+            metrics.extend(self.own_metrics(time.time_ns()))
+        for start in range(0, len(metrics), self.batch_max):
+            self.spool.put("metrics", encode_metrics(metrics[start:start + self.batch_max]))
+        for start in range(0, len(logs), self.batch_max):
+            self.spool.put("logs", encode_logs(logs[start:start + self.batch_max]))
+
+    def _gather(self, timeout: float) -> None:
+        try:
+            item = self.items.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(item)
+        while len(self._pending) < self.batch_max:
+            try:
+                self._pending.append(self.items.get_nowait())
+            except queue.Empty:
+                break
+
+    # --- sending ----------------------------------------------------------------
+    def send_one(self, item: SpoolItem) -> str:
+        """POST one spooled payload; returns ``ok``, ``retry`` or ``poison`` and updates the spool."""
+        try:
+            payload = item.read()
+        except FileNotFoundError:  # dropped as oldest by a concurrent put
+            self.spool.remove(item)
+            return "ok"
+        url = f"{self.server}/v1/{item.kind}"
+        try:
+            resp = self.client.post(url, content=payload, headers=self._headers())
+        except httpx.HTTPError as exc:
+            self._failed(f"{type(exc).__name__}: {exc}", None)
+            return "retry"
+        verdict = classify(resp.status_code)
+        if verdict == "ok":
+            self.spool.remove(item)
+            self.counters.sent_payloads += 1
+            self.counters.sent_bytes += item.size
+            self._attempt = 0
+            if self._outage_since is not None:
+                log.warning("server %s reachable again after %.1f s; draining %d spooled payloads",
+                            self.server, time.monotonic() - self._outage_since, len(self.spool))
+                self._outage_since = None
+        elif verdict == "retry":
+            self._failed(f"HTTP {resp.status_code}", retry_after_seconds(resp.headers.get("Retry-After")))
+        else:
+            self.spool.remove(item)
+            self.counters.poison_payloads += 1
+            if resp.status_code not in self._poison_logged:
+                self._poison_logged.add(resp.status_code)
+                log.error("server refused a %s payload with HTTP %d (%s); dropped it and will drop others like it "
+                          "(counted in tailscope.agent.spool.dropped{reason=poison})",
+                          item.kind, resp.status_code, resp.text[:200].replace("\n", " "))
+        return verdict
+
+    def _failed(self, why: str, retry_after: float | None) -> None:
+        self.counters.failures += 1
+        self._attempt += 1
+        if retry_after is not None:
+            delay = retry_after + random.uniform(0, min(1.0, self.backoff_base))
+        else:  # exponential backoff, full jitter (AWS architecture blog), never below a small floor
+            cap = min(self.backoff_max, self.backoff_base * (2 ** min(self._attempt - 1, 20)))
+            delay = max(0.05, random.uniform(0, cap))
+        self._next_try = time.monotonic() + delay
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("cannot deliver to %s (%s); spooling to %s and retrying with backoff", self.server, why, self.spool.dir)
+
+    def drain(self, budget_s: float = 1.0) -> int:
+        """Send spooled payloads oldest first until one fails, the spool is empty, or the budget is spent."""
+        sent = 0
+        end = time.monotonic() + budget_s
+        while time.monotonic() < end and time.monotonic() >= self._next_try:
+            item = self.spool.oldest()
+            if item is None:
+                break
+            verdict = self.send_one(item)
+            if verdict == "retry":
+                break
+            sent += verdict == "ok"
+        return sent
+
+    # --- the thread ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tailscope-agent-sender", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            now = time.monotonic()
+            waits = [0.5]
+            if self._pending:
+                waits.append(self._pending_since + self.flush_interval - now)
+            if len(self.spool):
+                waits.append(self._next_try - now)
+            try:
+                with self._busy:
+                    self._gather(0.0 if stopping or self._flush_now.is_set() else min(waits))
+                    due = self._pending and (len(self._pending) >= self.batch_max or self._flush_now.is_set()
+                                             or stopping or time.monotonic() - self._pending_since >= self.flush_interval)
+                    if due:
+                        self._spool_pending()
+                    if len(self.spool) and time.monotonic() >= self._next_try:
+                        self.drain(budget_s=2.0)
+                    if self._flush_now.is_set() and not self._pending and self.items.qsize() == 0:
+                        self._flush_now.clear()
+            except Exception:  # noqa: BLE001 - the sender must survive a bad batch or a full disk
+                log.exception("sender iteration failed")
+                self._stop.wait(1.0)
+            if stopping and not self._pending and self.items.qsize() == 0:
+                # final drain against the deadline; whatever is left stays spooled for the next run
+                while len(self.spool) and time.monotonic() < self._deadline:
+                    wait = self._next_try - time.monotonic()
+                    if wait > 0:
+                        if time.monotonic() + wait >= self._deadline:
+                            break
+                        time.sleep(wait)
+                    self.drain(budget_s=max(0.0, self._deadline - time.monotonic()))
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Spool what is queued now and wait until the spool is empty; ``True`` when it got there in time."""
+        end = time.monotonic() + timeout
+        self._flush_now.set()
+        while time.monotonic() < end:
+            with self._busy:
+                done = not self._pending and self.items.qsize() == 0 and not len(self.spool)
+            if done:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after spooling everything in memory and trying to drain the spool until ``timeout``."""
+        self._deadline = time.monotonic() + timeout
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 2.0)
+        else:  # never started: still spool what is in memory
+            while self.items.qsize():
+                self._gather(0.0)
+            self._spool_pending()
+        self.client.close()
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    verdict: str  # ok | retry | poison
+    status: int | None
+    detail: str
+    retry_after: float | None = None
+
+
+def upload_profiler_trace(client: httpx.Client, server: str, token: str | None, path: Path,
+                          fields: Mapping[str, str]) -> UploadResult:
+    """``POST /api/v1/profiler-traces`` (multipart field ``file`` + form fields)."""
+    headers = {"User-Agent": "tailscope-agent/0.1"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = server.rstrip("/") + "/api/v1/profiler-traces"
+    ctype = "application/gzip" if path.name.endswith(".gz") else "application/json"
+    try:
+        with open(path, "rb") as f:
+            resp = client.post(url, files={"file": (path.name, f, ctype)}, data=dict(fields), headers=headers)
+    except httpx.HTTPError as exc:
+        return UploadResult("retry", None, f"{type(exc).__name__}: {exc}")
+    verdict = classify(resp.status_code)
+    return UploadResult(verdict, resp.status_code, resp.text[:300],
+                        retry_after_seconds(resp.headers.get("Retry-After")))
+
+
