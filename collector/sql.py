@@ -149,20 +149,35 @@ def run_query(store: "Store", sql: str, *, time_limit_ms: int, max_rows: int) ->
     }
 
 
+def _sql_request_model() -> Any:
+    """The request body model, built once at module scope.
+
+    Why not a class inside ``make_router``: with ``from __future__ import
+    annotations`` FastAPI resolves the endpoint's annotation ``SqlRequest`` in
+    the module's globals; a local class is not found there and the body was
+    taken for a query parameter ("query.request: Field required").
+    """
+    global SqlRequest
+    if "SqlRequest" not in globals():
+        from pydantic import BaseModel, Field
+
+        class SqlRequest(BaseModel):  # type: ignore[no-redef]
+            sql: str = Field(..., description="one read-only query")
+            max_rows: int | None = Field(None, ge=1, description="at most the server's sql_max_rows")
+
+    return SqlRequest
+
+
 def make_router(store: "Store", config: "Config") -> "APIRouter":
     """``POST /api/v1/sql`` and ``GET /api/v1/tables`` (the schema browser's source)."""
     from fastapi import APIRouter
     from fastapi.concurrency import run_in_threadpool
-    from pydantic import BaseModel, Field
 
     from collector.schema import TABLE_DOCS
 
+    SqlRequest = _sql_request_model()
     lock_down(store.cursor())
     router = APIRouter()
-
-    class SqlRequest(BaseModel):
-        sql: str = Field(..., description="one read-only query")
-        max_rows: int | None = Field(None, ge=1, description="at most the server's sql_max_rows")
 
     @router.post("/api/v1/sql")
     async def sql(request: SqlRequest) -> dict[str, Any]:
