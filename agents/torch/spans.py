@@ -1,0 +1,215 @@
+"""Lightweight spans that end straight into the SDK's batch processor.
+
+Why not ``tracer.start_span``: the SDK's full span path (sampler, attribute
+cleaning under a lock, span-limit bookkeeping, context objects) measured
+~116 us per request with one request span and three stage spans on this
+project's CI machine, more than twice the 50 us budget of issue 3. A span
+here is a slotted object holding ids, a start time and a plain dict of
+already type-checked attributes (see ``attributes.py``); ``end()`` turns it
+into the SDK's own ``ReadableSpan`` and hands it to the handle's
+``BatchSpanProcessor``, which batches and exports it with the stock
+``OTLPSpanExporter`` on its background thread (~19 us per request measured the
+same way; ``benchmarks/instrumentation_overhead.py`` is the reference).
+Spans are always sampled: tail-latency diagnosis needs every request.
+
+Ids come from a private ``random.Random`` seeded from ``os.urandom`` (and
+reseeded after ``fork``): a lab that seeds the global ``random`` for
+reproducibility must not make two replicas emit the same trace ids.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import TYPE_CHECKING, Any, Mapping
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from agents.torch import context
+from agents.torch.attributes import check_attributes, map_keywords
+
+if TYPE_CHECKING:
+    from agents.torch.handle import Handle
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
+_rng = random.Random(os.urandom(16))
+
+
+def _reseed() -> None:
+    _rng.seed(os.urandom(16))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
+
+
+def new_trace_id() -> int:
+    tid = 0
+    while not tid:
+        tid = _rng.getrandbits(128)
+    return tid
+
+
+def new_span_id() -> int:
+    sid = 0
+    while not sid:
+        sid = _rng.getrandbits(64)
+    return sid
+
+
+def to_ns(t: float | None) -> int:
+    """Unix seconds (float) or None (now) -> integer nanoseconds."""
+    if t is None:
+        return time.time_ns()
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"times are unix seconds (float), got {t!r}")
+    return int(t * 1e9)
+
+
+class Span:
+    """One span being recorded: ids, start, attributes; exported on ``end()``.
+
+    Usable as a context manager (``with h.request(...) as req``): entering
+    makes it the active span of the thread (compile spans nest under it),
+    leaving ends it and marks it as an error if an exception escaped.
+    """
+
+    __slots__ = (
+        "_handle",
+        "name",
+        "kind",
+        "trace_id_int",
+        "span_id_int",
+        "parent",
+        "start_ns",
+        "attributes",
+        "links",
+        "status",
+        "end_ns",
+    )
+
+    def __init__(
+        self,
+        handle: Handle,
+        name: str,
+        kind: SpanKind,
+        parent: Span | SpanContext | None,
+        attributes: dict[str, Any],
+        start_ns: int,
+    ) -> None:
+        self._handle = handle
+        self.name = name
+        self.kind = kind
+        if parent is None:
+            self.trace_id_int = new_trace_id()
+            self.parent: SpanContext | None = None
+        elif isinstance(parent, Span):
+            self.trace_id_int = parent.trace_id_int
+            self.parent = SpanContext(parent.trace_id_int, parent.span_id_int, False, _SAMPLED)
+        elif isinstance(parent, SpanContext):
+            self.trace_id_int = parent.trace_id
+            self.parent = parent
+        else:
+            raise TypeError(f"parent must be a span from this instrumentation or None, got {parent!r}")
+        self.span_id_int = new_span_id()
+        self.start_ns = start_ns
+        self.attributes = attributes
+        self.links: list[Link] | None = None
+        self.status = _UNSET
+        self.end_ns: int | None = None
+
+    # -- ids -------------------------------------------------------------
+    @property
+    def trace_id(self) -> str:
+        """Lowercase hex, 32 characters."""
+        return f"{self.trace_id_int:032x}"
+
+    @property
+    def span_id(self) -> str:
+        """Lowercase hex, 16 characters."""
+        return f"{self.span_id_int:016x}"
+
+    @property
+    def context(self) -> SpanContext:
+        return SpanContext(self.trace_id_int, self.span_id_int, False, _SAMPLED)
+
+    @property
+    def ended(self) -> bool:
+        return self.end_ns is not None
+
+    # -- recording ---------------------------------------------------------
+    def set(self, attributes: Mapping[str, Any] | None = None, **keywords: Any) -> Span:
+        """Set attributes by short keyword (``output_tokens=32``) or dotted name.
+
+        Raises:
+            TypeError: unknown keyword or wrong value type.
+            RuntimeError: the span has already ended (its data was exported).
+        """
+        if self.end_ns is not None:
+            raise RuntimeError(f"span {self.name!r} has already ended; set attributes before end()")
+        if keywords:
+            map_keywords(keywords, self.attributes)
+        if attributes:
+            check_attributes(attributes, self.attributes)
+        return self
+
+    def add_link(self, other: Span, attributes: Mapping[str, Any] | None = None) -> None:
+        if self.end_ns is not None:
+            raise RuntimeError(f"span {self.name!r} has already ended; add links before end()")
+        if not isinstance(other, Span):
+            raise TypeError(f"links point at spans from this instrumentation, got {other!r}")
+        if self.links is None:
+            self.links = []
+        self.links.append(Link(other.context, dict(attributes) if attributes else None))
+
+    def set_error(self, description: str) -> None:
+        self.status = Status(StatusCode.ERROR, description[:512])
+
+    def end(self, end_time: float | None = None) -> None:
+        """End and export the span; ``end_time`` in unix seconds (default now).
+
+        A second ``end()`` is ignored, as in OpenTelemetry.
+        """
+        if self.end_ns is not None:
+            return
+        end_ns = to_ns(end_time)
+        if end_ns < self.start_ns:
+            raise ValueError(
+                f"span {self.name!r} would end before it started "
+                f"(end {end_ns / 1e9:.6f} < start {self.start_ns / 1e9:.6f})"
+            )
+        self.end_ns = end_ns
+        self._handle._export_span(self)
+
+    def to_readable(self) -> ReadableSpan:
+        pipeline = self._handle._pipeline
+        return ReadableSpan(
+            name=self.name,
+            context=SpanContext(self.trace_id_int, self.span_id_int, False, _SAMPLED),
+            parent=self.parent,
+            resource=pipeline.resource,
+            attributes=self.attributes,
+            links=self.links or (),
+            kind=self.kind,
+            instrumentation_scope=pipeline.scope,
+            status=self.status,
+            start_time=self.start_ns,
+            end_time=self.end_ns,
+        )
+
+    # -- context manager ---------------------------------------------------
+    def __enter__(self) -> Span:
+        context.push(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        context.pop(self)
+        if exc_type is not None and self.status is _UNSET:
+            self.set_error(f"{exc_type.__name__}: {exc}")
+        self.end()
+
+    def __repr__(self) -> str:
+        return f"<Span {self.name} trace={self.trace_id} span={self.span_id}>"
