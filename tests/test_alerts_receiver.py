@@ -23,6 +23,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int
+    late: bool = False  # answered after a delay (the client may have given up)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -38,8 +39,9 @@ class Receiver:
     """Loopback HTTP server recording POSTs.
 
     Args:
-        script: responses to give first, in order: an int status, or
-            ``("redirect", status, location)``; afterwards ``default_status``.
+        script: responses to give first, in order: an int status,
+            ``("redirect", status, location)`` or ``("delay", status, seconds)``
+            (answer late, to trip a client timeout); afterwards ``default_status``.
     """
 
     def __init__(self, script: list[Any] | None = None, default_status: int = 200) -> None:
@@ -57,16 +59,22 @@ class Receiver:
                 with receiver._cond:
                     action = receiver.script.pop(0) if receiver.script else receiver.default_status
                     status = action[1] if isinstance(action, tuple) else int(action)
-                    receiver.received.append(Received(self.path, dict(self.headers.items()), body, status))
+                    late = isinstance(action, tuple) and action[0] == "delay"
+                    receiver.received.append(Received(self.path, dict(self.headers.items()), body, status, late))
                     receiver._cond.notify_all()
-                self.send_response(status)
-                if isinstance(action, tuple) and action[0] == "redirect":
-                    self.send_header("Location", action[2])
-                self.send_header("Content-Type", "application/json")
-                payload = b'{"ok": true}' if status < 300 else b'{"ok": false}'
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                if isinstance(action, tuple) and action[0] == "delay":
+                    time.sleep(float(action[2]))
+                try:
+                    self.send_response(status)
+                    if isinstance(action, tuple) and action[0] == "redirect":
+                        self.send_header("Location", action[2])
+                    self.send_header("Content-Type", "application/json")
+                    payload = b'{"ok": true}' if status < 300 else b'{"ok": false}'
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client timed out and hung up
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -80,7 +88,7 @@ class Receiver:
 
     def ok(self) -> list[Received]:
         with self._lock:
-            return [r for r in self.received if 200 <= r.status < 300]
+            return [r for r in self.received if 200 <= r.status < 300 and not r.late]
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 30.0) -> list[Received]:
         """Block until ``predicate(received)`` holds; fail the test after ``timeout`` seconds."""

@@ -90,6 +90,28 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{netloc}/…" if (parts.path not in ("", "/") or parts.query) else f"{parts.scheme}://{netloc}/"
 
 
+class _RedactRequestURLs(logging.Filter):
+    """httpx logs ``HTTP Request: POST <full URL> …`` at INFO; webhook URLs are credentials.
+
+    Installed once on the ``httpx`` logger when a Sender is built: it rewrites
+    URL arguments of that logger's records to :func:`redact`'s form.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(redact(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+_REDACTOR = _RedactRequestURLs()
+
+
+def _install_redactor() -> None:
+    logger = logging.getLogger("httpx")
+    if _REDACTOR not in logger.filters:
+        logger.addFilter(_REDACTOR)
+
+
 def _origin(url: str) -> tuple[str, str, int]:
     p = urlsplit(url)
     return (p.scheme, (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80))
@@ -198,6 +220,7 @@ class Sender:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        _install_redactor()
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False, headers={"User-Agent": USER_AGENT}, trust_env=False)
         self._pool: ThreadPoolExecutor | None = None
         self.sent = 0
