@@ -24,6 +24,7 @@ class Received:
     body: bytes
     status: int
     late: bool = False  # answered after a delay (the client may have given up)
+    at: float = 0.0  # wall-clock unix time it arrived
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -60,7 +61,7 @@ class Receiver:
                     action = receiver.script.pop(0) if receiver.script else receiver.default_status
                     status = action[1] if isinstance(action, tuple) else int(action)
                     late = isinstance(action, tuple) and action[0] == "delay"
-                    receiver.received.append(Received(self.path, dict(self.headers.items()), body, status, late))
+                    receiver.received.append(Received(self.path, dict(self.headers.items()), body, status, late, time.time()))
                     receiver._cond.notify_all()
                 if isinstance(action, tuple) and action[0] == "delay":
                     time.sleep(float(action[2]))
