@@ -114,6 +114,11 @@ class Handle:
         return str(self._pipeline.resource.attributes["service.instance.id"])
 
     @property
+    def failed_exports(self) -> dict[str, int]:
+        """Items the server refused or that could not be sent, per signal (spans/logs/metrics)."""
+        return dict(self._pipeline.failed_items)
+
+    @property
     def tracer_provider(self) -> Any:
         """This handle's own SDK ``TracerProvider`` (for any extra spans)."""
         return self._pipeline.tracer_provider
@@ -318,7 +323,11 @@ class Handle:
 
     # -- lifecycle ---------------------------------------------------------
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Export everything recorded so far; True when all of it was confirmed."""
+        """Export everything recorded so far.
+
+        True when it drained within ``timeout_s`` and no export failed since the
+        previous flush; see ``failed_exports`` for what was lost.
+        """
         if self._compile_registered:
             from agents.torch import compile_events as ce
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -25,13 +26,36 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 SCOPE_NAME = "tailscope.agents.torch"
+
+
+class _Counting:
+    """Wraps an OTLP exporter and counts refused or failed exports.
+
+    The SDK's ``force_flush`` only says the queue was drained, not that the
+    server accepted it (a 401 is logged and dropped); ``Handle.flush`` uses
+    these counts so that a refused export is never reported as success.
+    """
+
+    def __init__(self, inner: Any, signal: str, pipeline: Pipeline) -> None:
+        self._inner = inner
+        self._signal = signal
+        self._pipeline = pipeline
+
+    def export(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        result = self._inner.export(batch, *args, **kwargs)
+        if getattr(result, "name", "SUCCESS") != "SUCCESS":
+            self._pipeline._count_failure(self._signal, len(batch) if hasattr(batch, "__len__") else 1)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,30 @@ class ExportOptions:
                 f"max_export_batch_size ({self.max_export_batch_size}) must not exceed "
                 f"max_queue_size ({self.max_queue_size})"
             )
+
+
+class _CountingMetrics(MetricExporter):
+    """The metric reader needs a real ``MetricExporter`` (it reads its temporality)."""
+
+    def __init__(self, inner: OTLPMetricExporter, pipeline: Pipeline) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self._inner = inner
+        self._pipeline = pipeline
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        if result is not MetricExportResult.SUCCESS:
+            self._pipeline._count_failure("metrics", 1)
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 def build_resource(
@@ -98,6 +146,10 @@ class Pipeline:
         options: ExportOptions,
     ) -> None:
         base = _base_url(endpoint)
+        self._failure_lock = threading.Lock()
+        self.failed_exports: dict[str, int] = {"spans": 0, "logs": 0, "metrics": 0}
+        self.failed_items: dict[str, int] = {"spans": 0, "logs": 0, "metrics": 0}
+        self._failures_seen = 0
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self.resource = resource
         self.scope = InstrumentationScope(SCOPE_NAME)
@@ -106,7 +158,7 @@ class Pipeline:
             endpoint=base + "/v1/traces", headers=headers, timeout=options.timeout_s
         )
         self.span_processor = BatchSpanProcessor(
-            self.span_exporter,
+            _Counting(self.span_exporter, "spans", self),  # type: ignore[arg-type]
             max_queue_size=options.max_queue_size,
             schedule_delay_millis=options.schedule_delay_s * 1000,
             max_export_batch_size=options.max_export_batch_size,
@@ -118,26 +170,46 @@ class Pipeline:
         self.logger_provider = LoggerProvider(resource=resource)
         self.logger_provider.add_log_record_processor(
             BatchLogRecordProcessor(
-                OTLPLogExporter(endpoint=base + "/v1/logs", headers=headers, timeout=options.timeout_s),
+                _Counting(  # type: ignore[arg-type]
+                    OTLPLogExporter(endpoint=base + "/v1/logs", headers=headers, timeout=options.timeout_s),
+                    "logs",
+                    self,
+                ),
                 schedule_delay_millis=options.schedule_delay_s * 1000,
             )
         )
         self.logger = self.logger_provider.get_logger(SCOPE_NAME)
 
         self.metric_reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=base + "/v1/metrics", headers=headers, timeout=options.timeout_s),
+            _CountingMetrics(
+                OTLPMetricExporter(endpoint=base + "/v1/metrics", headers=headers, timeout=options.timeout_s),
+                self,
+            ),
             export_interval_millis=options.export_interval_s * 1000,
         )
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[self.metric_reader])
         self.meter = self.meter_provider.get_meter(SCOPE_NAME)
 
+    def _count_failure(self, signal: str, items: int) -> None:
+        with self._failure_lock:
+            self.failed_exports[signal] += 1
+            self.failed_items[signal] += items
+
     def flush(self, timeout_s: float) -> bool:
-        """Export everything queued; True when every pipeline confirmed in time."""
+        """Export everything queued.
+
+        Returns True when every pipeline drained in time and no export failed
+        since the previous flush (so everything recorded since then arrived).
+        """
         ms = int(timeout_s * 1000)
-        ok = self.tracer_provider.force_flush(ms)
+        ok = bool(self.tracer_provider.force_flush(ms))
         ok = bool(self.logger_provider.force_flush(ms)) and ok
         ok = bool(self.meter_provider.force_flush(ms)) and ok
-        return ok
+        with self._failure_lock:
+            total = sum(self.failed_exports.values())
+            fresh = total != self._failures_seen
+            self._failures_seen = total
+        return ok and not fresh
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
