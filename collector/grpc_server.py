@@ -126,10 +126,9 @@ class GrpcReceiver:
             server.stop(grace).wait(grace + 5)
 
     def _export_handler(self, signal: str, request_cls: Any) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-        from google.protobuf.message import DecodeError
-
         ingest = self.ingest
         metrics = ingest.metrics
+        max_attribute_bytes = int(self.config.max_attribute_bytes)
 
         def export(raw: bytes, context: grpc.ServicerContext) -> bytes:
             status = "OK"
@@ -137,16 +136,11 @@ class GrpcReceiver:
                 metadata = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
                 self.auth.check(metadata.get("authorization"))
                 ingest.check_room()
-                message = request_cls()
-                try:
-                    message.ParseFromString(raw)
-                except (DecodeError, RecursionError) as exc:
-                    from tailscope.errors import BadPayload
-
-                    raise BadPayload(f"cannot parse {request_cls.DESCRIPTOR.name}: {exc}") from None
                 from collector import otlp
 
-                decoded = otlp.decode_message(signal, message)
+                # The raw message bytes go straight to the decoder (the same path as
+                # OTLP/HTTP protobuf): no parse into stock classes and re-encode.
+                decoded = otlp.decode(signal, raw, otlp.PROTOBUF, max_attribute_bytes=max_attribute_bytes)
                 metrics.decoded(signal, decoded.accepted, decoded.rejected, decoded.truncated_values)
                 ingest.put_blocking(decoded)
                 return export_response(signal, decoded).SerializeToString()

@@ -7,7 +7,7 @@ import socket
 
 import httpx
 
-from tests.ingest_payloads import request_spans
+from ingest_payloads import request_spans
 
 PB = {"content-type": "application/x-protobuf"}
 

@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from tests.ingest_payloads import logs_request, metrics_request, request_spans
+from ingest_payloads import logs_request, metrics_request, request_spans
 
 PB = {"content-type": "application/x-protobuf"}
 
@@ -136,7 +136,7 @@ def test_partial_success_reports_rejected_spans(make_server):
                         "spans": [
                             {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad6b7169203331", "name": "ok",
                              "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000"},
-                            {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad", "name": "short-id",
+                            {"traceId": "00000000000000000000000000000000", "spanId": "b7ad6b7169203332", "name": "zero-trace-id",
                              "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000"},
                         ]
                     }
