@@ -171,8 +171,8 @@ def parse_metrics(m: Any) -> CompileRecord | None:
         total_s = _get(m, "entire_frame_compile_time_s")
         if start_s is None or total_s is None:
             return None
-        start_ns = int(start_s * 1e9)
-        end_ns = start_ns + int(total_s * 1e9)
+        start_ns = round(start_s * 1e6) * 1000  # microseconds: floats near 1.7e9 s hold no more
+        end_ns = start_ns + round(total_s * 1e6) * 1000
     compile_id = _get(m, "compile_id")
     compile_id = str(compile_id) if compile_id is not None else None
     reason = clean_reason(_get(m, "recompile_reason"))
@@ -525,7 +525,7 @@ class CompileWatcher:
                     snap = candidate
             if snap is not None and self._thread_snapshot.get(snap.thread) is snap:
                 del self._thread_snapshot[snap.thread]
-            if record.reason is None and record.kind == "first" and self._needs_recompiles_log:
+            if record.reason is None and self._needs_recompiles_log:
                 text = self._last_recompile_reason.pop(snap.thread if snap else thread, None)
                 if text:
                     record.reason = text

@@ -66,7 +66,9 @@ def to_ns(t: float | None) -> int:
         return time.time_ns()
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"times are unix seconds (float), got {t!r}")
-    return int(t * 1e9)
+    # Microseconds: a float near 1.7e9 s cannot hold nanoseconds exactly, and
+    # the store keeps microseconds.
+    return round(t * 1e6) * 1000
 
 
 class Span:
