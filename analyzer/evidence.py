@@ -1,0 +1,391 @@
+"""Fetch, for a set of slow requests, every row that could explain them.
+
+One query per kind of evidence, each bounded by the slow requests' time span
+and joined on the keys the spec gives (trace/parent ids, service instance,
+host + GPU index, batch id or span links, session id, provider). The result
+is an in-memory :class:`Evidence` index that the attribution step reads; it
+never goes back to the store per request.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from analyzer.requests import REQUEST_PREDICATE
+
+# How far before a request a stall on its instance can still be the reason it
+# queued (the backlog a stall leaves takes a while to drain).
+STALL_LOOKBACK_S = 300.0
+GPU_PAD_S = 5.0  # GPU samples are periodic; one just outside the request still describes it
+THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+GPU_METRICS = (
+    "tailscope.gpu.sm_clock",
+    "tailscope.gpu.sm_clock.max",
+    "tailscope.gpu.clock_event_reasons",
+    "tailscope.gpu.utilization",
+    "tailscope.gpu.process.memory.used",
+)
+
+
+def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+@dataclass
+class Evidence:
+    """Indexes of evidence rows, keyed the way attribution looks them up."""
+
+    children: dict[tuple[str, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
+    compiles: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
+    loads: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
+    evict_victim: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by trace
+    evict_instance: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    session_prev: dict[tuple[str, str], dict] = field(default_factory=dict)
+    batch_of: dict[tuple[str, str], dict] = field(default_factory=dict)
+    batch_ref: dict[str, dict] = field(default_factory=dict)  # by service
+    gpu: dict[tuple[str, int | None], dict[str, list[tuple[float, float, int | None]]]] = field(default_factory=dict)
+    gpu_ref: dict[tuple[str, int | None], dict] = field(default_factory=dict)
+    foreign_presence: dict[tuple[str, int | None, int], float] = field(default_factory=dict)
+    serving_pids: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # by host
+    xids: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by host
+    provider_base: dict[tuple[str, str], dict] = field(default_factory=dict)
+    rates: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # service -> window -> (arrivals, completions)
+    rate_ref: dict[str, dict] = field(default_factory=dict)
+    step_s: int = 60
+
+    # --- lookups used by attribution ----------------------------------------
+    def gpu_samples(self, host: str | None, gpu: int | None, name: str, a: float, b: float) -> list[tuple[float, float, int | None]]:
+        series = self.gpu.get((host or "", gpu))
+        if series is None and gpu is None:
+            # No GPU index on the request (vLLM's spans carry none): on a host with
+            # exactly one GPU in the metrics, that GPU is the one.
+            on_host = [k for k in self.gpu if k[0] == (host or "")]
+            if len(on_host) == 1:
+                series = self.gpu[on_host[0]]
+        if not series:
+            return []
+        rows = series.get(name, [])
+        lo = bisect.bisect_left(rows, (a - GPU_PAD_S, float("-inf"), None)) if rows else 0
+        out = []
+        for row in rows[lo:]:
+            if row[0] > b + GPU_PAD_S:
+                break
+            out.append(row)
+        return out
+
+
+def _register(con: duckdb.DuckDBPyConnection, name: str, slow: Sequence[dict[str, Any]]) -> None:
+    cols = ("trace_id", "span_id", "service", "instance", "host_name", "gpu_index", "batch_id", "session_id")
+    table = pa.table(
+        {
+            **{c: pa.array([r.get(c) for r in slow], type=pa.int64() if c == "gpu_index" else pa.string()) for c in cols},
+            "t0": pa.array([float(r["t0"]) for r in slow], type=pa.float64()),
+            "t1": pa.array([float(r["t1"]) for r in slow], type=pa.float64()),
+        }
+    )
+    con.register(name, table)
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime(1970, 1, 1) + timedelta(seconds=seconds)
+
+
+def gather(
+    con: duckdb.DuckDBPyConnection,
+    slow: Sequence[dict[str, Any]],
+    *,
+    ref_start: datetime,
+    ref_end: datetime,
+    step_s: int,
+) -> Evidence:
+    """Collect the evidence for ``slow`` (dict rows with t0/t1 unix seconds)."""
+    ev = Evidence(step_s=step_s)
+    if not slow:
+        return ev
+    _register(con, "_slow", slow)
+    try:
+        lo_s = min(float(r["t0"]) for r in slow)
+        hi_s = max(float(r["t1"]) for r in slow)
+        lo, hi = _ts(lo_s), _ts(hi_s)
+        _children(con, ev, lo, hi)
+        _stalls(con, ev, lo, hi)
+        _evictions(con, ev, lo, hi)
+        _sessions(con, ev, lo, hi)
+        _batches(con, ev, lo, hi, ref_start, ref_end)
+        _gpu(con, ev, lo, hi, ref_start)
+        _providers(con, ev, hi)
+        _rates(con, ev, ref_start, hi, step_s)
+    finally:
+        con.unregister("_slow")
+    return ev
+
+
+def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    cur = con.execute(
+        """SELECT c.trace_id, c.parent_span_id, c.span_id, c.role, epoch(c.start_time) AS a, epoch(c.end_time) AS b,
+                c.duration_ms, c.compile_kind, c.compile_reason, c.compile_shape, c.compile_cache, c.compile_backend,
+                c.compile_frame, c.gen_ai_system, c.server_address, c.provider_region, c.name
+           FROM spans c
+           WHERE c.start_time >= ? - INTERVAL 1 HOUR AND c.start_time <= ? AND c.parent_span_id IS NOT NULL
+             AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM _slow)""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        ev.children[(row["trace_id"], row["parent_span_id"])].append(row)
+
+
+def _stalls(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    """Compile spans and model loads on the slow requests' instances (any parent)."""
+    cur = con.execute(
+        f"""SELECT span_id, trace_id, parent_span_id, role, service_instance_id AS instance,
+                epoch(start_time) AS a, epoch(end_time) AS b, duration_ms,
+                compile_kind, compile_reason, compile_shape, compile_cache, compile_backend, compile_frame
+           FROM spans
+           WHERE role IN ('compile', 'model_load') AND start_time >= ? - INTERVAL {int(STALL_LOOKBACK_S)} SECOND
+             AND start_time <= ? AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+           ORDER BY start_time""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        (ev.compiles if row["role"] == "compile" else ev.loads)[row["instance"]].append(row)
+    cur = con.execute(
+        f"""SELECT service_instance_id AS instance, epoch(time) AS b, load_seconds
+           FROM logs WHERE event_name = 'tailscope.replica.ready'
+             AND time >= ? - INTERVAL {int(STALL_LOOKBACK_S)} SECOND AND time <= ? + INTERVAL 1 HOUR
+             AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+           ORDER BY time""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        load = float(row["load_seconds"] or 0.0)
+        ev.loads[row["instance"]].append(
+            {"span_id": None, "role": "replica.ready", "instance": row["instance"], "a": row["b"] - load, "b": row["b"],
+             "duration_ms": load * 1000.0}
+        )
+
+
+def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    cur = con.execute(
+        """SELECT epoch(time) AS t, service_instance_id AS instance, lower(kv_victim_trace_id) AS victim,
+                kv_reason, kv_blocks, kv_usage, trace_id
+           FROM logs WHERE event_name = 'tailscope.kv.eviction'
+             AND time >= ? - INTERVAL 1 MINUTE AND time <= ? + INTERVAL 1 MINUTE
+             AND (lower(kv_victim_trace_id) IN (SELECT trace_id FROM _slow)
+                  OR trace_id IN (SELECT trace_id FROM _slow)
+                  OR service_instance_id IN (SELECT DISTINCT instance FROM _slow))
+           ORDER BY time""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        victim = row["victim"] or None
+        if victim:
+            ev.evict_victim[victim].append(row)
+        elif row["trace_id"]:
+            ev.evict_victim[row["trace_id"]].append(row)
+        if row["instance"]:
+            ev.evict_instance[row["instance"]].append(row)
+
+
+def _sessions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    """Each slow request's previous turn in its session (for prefix-cache hits that fell)."""
+    cur = con.execute(
+        f"""WITH s AS (
+              SELECT trace_id, span_id, session_id, start_time, input_tokens, output_tokens, kv_cached_tokens,
+                  lag(input_tokens) OVER w AS prev_input, lag(output_tokens) OVER w AS prev_output,
+                  lag(kv_cached_tokens) OVER w AS prev_cached, lag(trace_id) OVER w AS prev_trace
+              FROM spans
+              WHERE {REQUEST_PREDICATE} AND session_id IN (SELECT session_id FROM _slow WHERE session_id IS NOT NULL)
+                AND start_time >= ? - INTERVAL 6 HOUR AND start_time <= ?
+              WINDOW w AS (PARTITION BY session_id ORDER BY start_time)
+            )
+            SELECT s.* FROM s JOIN _slow USING (trace_id, span_id) WHERE s.prev_trace IS NOT NULL""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        ev.session_prev[(row["trace_id"], row["span_id"])] = row
+
+
+def _batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime, ref_start: datetime, ref_end: datetime) -> None:
+    cur = con.execute(
+        """WITH linked AS (
+              SELECT l.trace_id AS b_trace, l.span_id AS b_span, s.trace_id, s.span_id
+              FROM span_links l JOIN _slow s ON l.linked_span_id = s.span_id AND l.linked_trace_id = s.trace_id
+           ),
+           b AS (
+              SELECT trace_id AS b_trace, span_id AS b_span, batch_id, epoch(start_time) AS a, epoch(end_time) AS b,
+                  batch_size, batch_max_len, batch_min_len, batch_real_tokens, batch_padded_tokens, batch_wait_s,
+                  service_instance_id
+              FROM spans
+              WHERE role = 'batch' AND start_time >= ? - INTERVAL 10 MINUTE AND start_time <= ?
+                AND (batch_id IN (SELECT batch_id FROM _slow WHERE batch_id IS NOT NULL)
+                     OR span_id IN (SELECT b_span FROM linked))
+           )
+           SELECT s.trace_id, s.span_id, b.* FROM _slow s JOIN b ON s.batch_id = b.batch_id
+           UNION ALL BY NAME
+           SELECT linked.trace_id, linked.span_id, b.* FROM linked JOIN b USING (b_trace, b_span)""",
+        [lo, hi],
+    )
+    rows = _rows(cur)
+    for row in rows:
+        ev.batch_of.setdefault((row["trace_id"], row["span_id"]), row)
+    if rows:
+        ids = sorted({r["batch_id"] for r in rows if r.get("batch_id")})
+        spans_ = sorted({(r["b_trace"], r["b_span"]) for r in rows})
+        con.register("_bspans", pa.table({"t": [s[0] for s in spans_], "s": [s[1] for s in spans_]}))
+        con.register("_bids", pa.table({"batch_id": pa.array(ids, type=pa.string())}))
+        try:
+            cur = con.execute(
+                f"""WITH m AS (
+                      SELECT batch_id AS key, trace_id, coalesce(shape_len, input_tokens) AS len, input_tokens
+                      FROM spans WHERE {REQUEST_PREDICATE} AND batch_id IN (SELECT batch_id FROM _bids)
+                        AND start_time >= ? - INTERVAL 10 MINUTE AND start_time <= ?
+                      UNION ALL
+                      SELECT l.span_id AS key, r.trace_id, coalesce(r.shape_len, r.input_tokens), r.input_tokens
+                      FROM span_links l JOIN _bspans b ON l.trace_id = b.t AND l.span_id = b.s
+                      JOIN spans r ON r.span_id = l.linked_span_id AND r.trace_id = l.linked_trace_id
+                    )
+                    SELECT key, arg_max(trace_id, input_tokens) AS longest_trace, max(input_tokens) AS longest_tokens,
+                        count(*) AS members
+                    FROM m GROUP BY key""",
+                [lo, hi],
+            )
+            longest = {r["key"]: r for r in _rows(cur)}
+        finally:
+            con.unregister("_bspans")
+            con.unregister("_bids")
+        for row in ev.batch_of.values():
+            info = longest.get(row.get("batch_id")) or longest.get(row.get("b_span"))
+            if info:
+                row["longest_trace"] = info["longest_trace"]
+                row["longest_tokens"] = info["longest_tokens"]
+    cur = con.execute(
+        """SELECT service_name AS service, count(*) AS n,
+              median(batch_wait_s) AS wait_p50, quantile_cont(batch_wait_s, 0.9) AS wait_p90,
+              median(batch_padded_tokens::DOUBLE / nullif(batch_real_tokens, 0)) AS pad_p50,
+              median(batch_max_len::DOUBLE / nullif(batch_min_len, 0)) AS spread_p50,
+              median(batch_size) AS size_p50
+           FROM spans WHERE role = 'batch' AND start_time >= ? AND start_time < ?
+             AND service_name IN (SELECT DISTINCT service FROM _slow)
+           GROUP BY ALL""",
+        [ref_start, ref_end],
+    )
+    for row in _rows(cur):
+        ev.batch_ref[row["service"]] = row
+
+
+def _gpu(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime, ref_start: datetime) -> None:
+    names = ", ".join(f"'{n}'" for n in GPU_METRICS)
+    cur = con.execute(
+        f"""SELECT host_name, gpu_index, name, epoch(time) AS t, value, point_pid
+           FROM metrics WHERE name IN ({names})
+             AND time >= ? - INTERVAL {int(GPU_PAD_S)} SECOND AND time <= ? + INTERVAL {int(GPU_PAD_S)} SECOND
+             AND host_name IN (SELECT DISTINCT host_name FROM _slow)
+           ORDER BY time""",
+        [lo, hi],
+    )
+    for host, gpu, name, t, value, pid in cur.fetchall():
+        series = ev.gpu.setdefault((host or "", gpu), {})
+        series.setdefault(name, []).append((float(t), float(value) if value is not None else float("nan"), pid))
+    # What each GPU looked like in the reference period: clocks and which foreign
+    # processes are a permanent part of the picture (not evidence of anything).
+    cur = con.execute(
+        f"""SELECT host_name, gpu_index,
+              median(value) FILTER (WHERE name = 'tailscope.gpu.sm_clock') AS clock_p50,
+              max(value) FILTER (WHERE name = 'tailscope.gpu.sm_clock.max') AS clock_max,
+              median(value) FILTER (WHERE name = 'tailscope.gpu.utilization') AS util_p50
+           FROM metrics WHERE name IN ({names}) AND time >= ? AND time <= ?
+             AND host_name IN (SELECT DISTINCT host_name FROM _slow)
+           GROUP BY ALL""",
+        [ref_start, hi],
+    )
+    for row in _rows(cur):
+        ev.gpu_ref[(row["host_name"] or "", row["gpu_index"])] = row
+    cur = con.execute(
+        """WITH w AS (
+              SELECT host_name, gpu_index, point_pid, floor(epoch(time) / 30) AS slot
+              FROM metrics WHERE name = 'tailscope.gpu.process.memory.used' AND time >= ? AND time <= ?
+                AND host_name IN (SELECT DISTINCT host_name FROM _slow)
+           ),
+           tot AS (SELECT host_name, gpu_index, count(DISTINCT slot) AS slots FROM w GROUP BY ALL)
+           SELECT w.host_name, w.gpu_index, w.point_pid, count(DISTINCT w.slot) / any_value(tot.slots) AS presence
+           FROM w JOIN tot USING (host_name, gpu_index) WHERE w.point_pid IS NOT NULL GROUP BY ALL""",
+        [ref_start, hi],
+    )
+    for host, gpu, pid, presence in cur.fetchall():
+        ev.foreign_presence[(host or "", gpu, int(pid))] = float(presence)
+    cur = con.execute(
+        f"""SELECT DISTINCT host_name, process_pid FROM spans
+           WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time <= ? AND process_pid IS NOT NULL
+             AND host_name IN (SELECT DISTINCT host_name FROM _slow)""",
+        [lo, hi],
+    )
+    for host, pid in cur.fetchall():
+        ev.serving_pids[host or ""].add(int(pid))
+    cur = con.execute(
+        """SELECT host_name, gpu_index, epoch(time) AS t, xid, body
+           FROM logs WHERE event_name = 'tailscope.gpu.xid' AND time >= ? - INTERVAL 2 MINUTE AND time <= ?
+             AND host_name IN (SELECT DISTINCT host_name FROM _slow)""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        ev.xids[row["host_name"] or ""].append(row)
+
+
+def _local_hour(utc_hour: int, region: str | None) -> int:
+    if not region:
+        return utc_hour
+    try:
+        from zoneinfo import ZoneInfo
+
+        now = datetime.now(timezone.utc).replace(hour=utc_hour, minute=0, second=0, microsecond=0)
+        return now.astimezone(ZoneInfo(region)).hour
+    except Exception:  # an unknown zone name: fall back to UTC rather than fail the analysis
+        return utc_hour
+
+
+def _providers(con: duckdb.DuckDBPyConnection, ev: Evidence, hi: datetime) -> None:
+    """Each provider's call duration by hour of day in its own region's zone (last 7 days)."""
+    cur = con.execute(
+        """SELECT coalesce(gen_ai_system, '') AS system, coalesce(server_address, '') AS address,
+              any_value(provider_region) AS region, hour(start_time) AS utc_hour,
+              count(*) AS n, median(duration_ms) AS p50_ms, quantile_cont(duration_ms, 0.9) AS p90_ms
+           FROM spans WHERE role = 'provider_call' AND start_time >= ? - INTERVAL 7 DAY AND start_time <= ?
+           GROUP BY ALL""",
+        [hi, hi],
+    )
+    for row in _rows(cur):
+        key = (row["system"], row["address"])
+        base = ev.provider_base.setdefault(key, {"region": row["region"], "hours": {}, "n": 0, "sum_p50": 0.0})
+        local = _local_hour(int(row["utc_hour"]), row["region"])
+        base["hours"][local] = {"n": int(row["n"]), "p50_ms": float(row["p50_ms"]), "p90_ms": float(row["p90_ms"])}
+        base["n"] += int(row["n"])
+        base["sum_p50"] += float(row["p50_ms"]) * int(row["n"])
+
+
+def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi: datetime, step_s: int) -> None:
+    """Arrivals and completions per window and instance count (for Little's law)."""
+    cur = con.execute(
+        f"""WITH r AS (
+              SELECT service_name AS service, service_instance_id AS inst,
+                  CAST(floor(epoch(start_time) / {step_s}) AS BIGINT) AS wa,
+                  CAST(floor(epoch(end_time) / {step_s}) AS BIGINT) AS wc
+              FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time <= ?
+                AND service_name IN (SELECT DISTINCT service FROM _slow)
+           ),
+           a AS (SELECT service, wa AS w, count(*) AS arrivals, count(DISTINCT inst) AS instances FROM r GROUP BY ALL),
+           c AS (SELECT service, wc AS w, count(*) AS completions FROM r GROUP BY ALL)
+           SELECT service, w, coalesce(arrivals, 0) AS arrivals, coalesce(completions, 0) AS completions,
+               coalesce(instances, 0) AS instances
+           FROM a FULL JOIN c USING (service, w) ORDER BY w""",
+        [ref_start, hi],
+    )
+    for service, w, arrivals, completions, instances in cur.fetchall():
+        ev.rates.setdefault(service, {})[int(w)] = (int(arrivals), int(completions), int(instances))

@@ -1,0 +1,497 @@
+"""The analyzer's Python API: latency series, incidents, slow requests, traces.
+
+The dashboard, the alert evaluator, the HTTP API and the CLI all call this
+class; it reads the store through a fresh cursor per call (DuckDB cursors are
+not thread-safe) and returns plain JSON-able dicts shaped as in spec
+section 10 (times RFC 3339 UTC, durations ``*_ms``).
+
+Default range: the last 24 h *of data* (ending at the newest span), so a
+stopped store is analysed where its data is, not at wall-clock now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict, defaultdict
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Sequence
+
+import duckdb
+import numpy as np
+
+from analyzer import recommend
+from analyzer.attribute import attribute
+from analyzer.baseline import Span, class_baselines, class_join, slow_candidates, slow_threshold_sql
+from analyzer.contrast import contrast
+from analyzer.detect import DAY_S, detect
+from analyzer.evidence import Evidence, gather
+from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
+from analyzer.timeutil import TimeLike, from_unix, iso, to_utc_naive, unix
+from tailscope.config import parse_slo
+from tailscope.errors import BadRequest, NotFound
+
+DEFAULT_RANGE = timedelta(hours=24)
+# Detection looks this far before the asked-for start, so a window's baseline
+# (recent windows, and the same hour yesterday) does not depend on where the
+# caller's range happens to begin: incident ids stay stable.
+LEAD_IN = timedelta(seconds=DAY_S + 3600)
+REFERENCE_BEFORE = timedelta(hours=1)
+REFERENCE_AFTER = timedelta(minutes=15)
+MAX_POINTS = 20_000
+_ID = re.compile(r"^inc-(\d+)-([0-9a-f]{8})$")
+_TRACE = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+def incident_id(service: str, start_s: float) -> str:
+    """Stable id: the same service and first spiky window always give the same id."""
+    return f"inc-{int(start_s)}-{hashlib.sha1(service.encode()).hexdigest()[:8]}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    cols = [d[0] for d in cur.description]
+    return [{c: _jsonable(v) for c, v in zip(cols, r)} for r in cur.fetchall()]
+
+
+class Analyzer:
+    """Reads the telemetry store and explains its tail latency.
+
+    Args:
+        store: a :class:`collector.store.Store` (read-only is fine).
+        config: the server :class:`~tailscope.config.Config` (``slo_ms``,
+            ``analysis_step_s``); ``None`` uses the defaults.
+    """
+
+    def __init__(self, store: Any, config: Any = None) -> None:
+        self.store = store
+        slo_text = getattr(config, "slo_ms", "") if config is not None else ""
+        self.slo: dict[str, float] = parse_slo(slo_text) if slo_text else {}
+        self.step_s = int(getattr(config, "analysis_step_s", 60) or 60) if config is not None else 60
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.use_cache = True
+
+    # --- plumbing -----------------------------------------------------------
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        return self.store.cursor()
+
+    def _version(self, con: duckdb.DuckDBPyConnection) -> tuple:
+        return tuple(con.execute(
+            "SELECT (SELECT count(*) FROM spans), (SELECT count(*) FROM logs), (SELECT count(*) FROM metrics)"
+        ).fetchall()[0])
+
+    def _cached(self, con: duckdb.DuckDBPyConnection, key: tuple, compute: Any) -> Any:
+        if not self.use_cache:
+            return compute()
+        full = key + self._version(con)
+        with self._lock:
+            if full in self._cache:
+                self._cache.move_to_end(full)
+                return self._cache[full]
+        value = compute()
+        with self._lock:
+            self._cache[full] = value
+            while len(self._cache) > 64:
+                self._cache.popitem(last=False)
+        return value
+
+    def _newest(self, con: duckdb.DuckDBPyConnection) -> datetime | None:
+        row = con.execute(f"SELECT max(start_time) FROM spans WHERE {REQUEST_PREDICATE}").fetchall()[0]
+        return row[0] if row else None
+
+    def _range(self, con: duckdb.DuckDBPyConnection, start: TimeLike, end: TimeLike) -> tuple[datetime, datetime] | None:
+        s, e = to_utc_naive(start, "start"), to_utc_naive(end, "end")
+        if s is not None and e is not None and s >= e:
+            raise BadRequest(f"start ({iso(s)}) must be before end ({iso(e)})")
+        if e is None:
+            newest = self._newest(con)
+            if newest is None:
+                return None
+            e = newest + timedelta(milliseconds=1)
+            if s is not None and s >= e:
+                return None
+        if s is None:
+            s = e - DEFAULT_RANGE
+        return s, e
+
+    def _check_step(self, step_s: Any, start: datetime, end: datetime) -> int:
+        if step_s is None:
+            step = self.step_s
+        else:
+            try:
+                step = int(step_s)
+            except (TypeError, ValueError):
+                raise BadRequest(f"step: expected whole seconds, got {step_s!r}") from None
+        if step <= 0 or step > 7 * DAY_S:
+            raise BadRequest(f"step: must be between 1 and {7 * DAY_S} seconds, got {step}")
+        points = (end - start).total_seconds() / step
+        if points > MAX_POINTS:
+            raise BadRequest(f"step: {step} s over this range gives {points:.0f} points; the limit is {MAX_POINTS} (use a larger step)")
+        return step
+
+    # --- services and latency -----------------------------------------------
+    def services(self) -> list[str]:
+        con = self._con()
+        try:
+            return self._cached(con, ("services",), lambda: [r[0] for r in con.execute(
+                f"SELECT DISTINCT service_name FROM spans WHERE {REQUEST_PREDICATE} AND service_name IS NOT NULL ORDER BY 1"
+            ).fetchall()])
+        finally:
+            con.close()
+
+    def latency(self, service: str | None = None, start: TimeLike = None, end: TimeLike = None,
+                step_s: int | None = None, model: str | None = None) -> dict[str, Any]:
+        """Request latency per window: ``{service, model, step_s, points: [{t, count, p50_ms, p95_ms, p99_ms}]}``."""
+        con = self._con()
+        try:
+            rng = self._range(con, start, end)
+            step = self._check_step(step_s, *rng) if rng else self._check_step(step_s, datetime(1970, 1, 1), datetime(1970, 1, 1))
+            if rng is None:
+                return {"service": service, "model": model, "step_s": step, "points": []}
+            key = ("latency", service, model, rng, step)
+            return self._cached(con, key, lambda: self._latency(con, service, model, rng, step))
+        finally:
+            con.close()
+
+    def _latency(self, con: duckdb.DuckDBPyConnection, service: str | None, model: str | None,
+                 rng: tuple[datetime, datetime], step: int) -> dict[str, Any]:
+        where, params = ["start_time >= ?", "start_time < ?"], [rng[0], rng[1]]
+        if service:
+            where.append("service_name = ?")
+            params.append(service)
+        if model:
+            where.append("model = ?")
+            params.append(model)
+        rows = con.execute(
+            f"""SELECT CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w, count(*) AS n,
+                    quantile_cont({LATENCY_MS}, [0.5, 0.95, 0.99]) AS q
+                FROM spans WHERE {REQUEST_PREDICATE} AND {' AND '.join(where)}
+                GROUP BY w ORDER BY w""",
+            params,
+        ).fetchall()
+        points = [{"t": iso(from_unix(w * step)), "count": int(n), "p50_ms": round(q[0], 3), "p95_ms": round(q[1], 3),
+                   "p99_ms": round(q[2], 3)} for w, n, q in rows]
+        return {"service": service, "model": model, "step_s": step, "start": iso(rng[0]), "end": iso(rng[1]), "points": points}
+
+    # --- spikes -------------------------------------------------------------
+    def _spikes(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime]) -> list[dict[str, Any]]:
+        """Incident skeletons (no causes yet) overlapping ``rng``, per service."""
+        step = self.step_s
+        lead = rng[0] - LEAD_IN
+        params: list[Any] = [lead, rng[1]]
+        svc = ""
+        if service:
+            svc = "AND service_name = ?"
+            params.append(service)
+        # Class thresholds from a sample of the same range: a short request that
+        # stalled counts as slow even when long requests set the service's p99.
+        classes = class_baselines(con, [service] if service else None, Span(lead, rng[1]), (), components=False)
+        con.register("_sclasses", classes)
+        try:
+            join_sql, pick = class_join("_sclasses")
+            slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
+            slo_params: list[Any] = []
+            for k, v in self.slo.items():
+                slo_params += [k, float(v)]
+            slo_expr = f"CASE r.service {slo_case} ELSE NULL END" if self.slo else "NULL::DOUBLE"
+            rows = con.execute(
+                f"""WITH r AS (
+                        SELECT service_name AS service, coalesce(model, '') AS model,
+                            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
+                            {length_bucket('output_tokens')} // 2 AS ob2, {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
+                        FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
+                          AND service_name IS NOT NULL
+                    )
+                    SELECT r.service, r.w, count(*) AS n, quantile_cont(r.latency_ms, 0.99) AS p99,
+                        count(*) FILTER (WHERE r.latency_ms > {slow_threshold_sql(pick)}
+                                         OR r.latency_ms > {slo_expr}) AS slow
+                    FROM r {join_sql}
+                    GROUP BY ALL ORDER BY 1, 2""",
+                params + slo_params,
+            ).fetchall()
+        finally:
+            con.unregister("_sclasses")
+        newest = self._newest(con)
+        newest_complete = int(unix(newest) // step) - 1 if newest else None
+        by_service: dict[str, list[tuple[int, int, float, int]]] = defaultdict(list)
+        for s, w, n, p99, slow in rows:
+            by_service[s].append((int(w), int(n), float(p99), int(slow)))
+        out = []
+        lo_s, hi_s = unix(rng[0]), unix(rng[1])
+        for s, series in by_service.items():
+            w = np.array([x[0] for x in series], dtype=np.int64)
+            t = w * step
+            n = np.array([x[1] for x in series], dtype=np.int64)
+            p = np.array([x[2] for x in series], dtype=np.float64)
+            slow = np.array([x[3] for x in series], dtype=np.int64)
+            for sp in detect(t.astype(np.float64), n, p, step_s=step, slo_ms=self.slo.get(s), slow=slow):
+                a, b = float(t[sp.first]), float(t[sp.last] + step)
+                if b <= lo_s or a >= hi_s:
+                    continue
+                out.append({
+                    "id": incident_id(s, a), "service": s, "start": iso(from_unix(a)), "end": iso(from_unix(b)),
+                    "_a": from_unix(a), "_b": from_unix(b),
+                    "p99_ms": round(sp.peak_p99, 3), "baseline_p99_ms": round(sp.baseline_p99, 3),
+                    "threshold_ms": round(sp.threshold, 3), "by_slo": sp.by_slo, "slo_ms": self.slo.get(s),
+                    "requests": int(n[sp.first:sp.last + 1].sum()),
+                    "open": newest_complete is not None and int(w[sp.last]) >= newest_complete,
+                })
+        out.sort(key=lambda x: (x["_a"], x["service"]))
+        return out
+
+    # --- incidents ----------------------------------------------------------
+    def incidents(self, service: str | None = None, start: TimeLike = None, end: TimeLike = None) -> dict[str, Any]:
+        """``{incidents: [...]}``: spikes with their slow requests' causes, ranked by share of excess."""
+        con = self._con()
+        try:
+            rng = self._range(con, start, end)
+            if rng is None:
+                return {"incidents": []}
+            return self._cached(con, ("incidents", service, rng), lambda: self._incidents(con, service, rng, detail=False))
+        finally:
+            con.close()
+
+    def incident(self, incident_id: str) -> dict[str, Any]:
+        """One incident with its slow requests and the contrast table."""
+        m = _ID.match(incident_id or "")
+        if not m:
+            raise BadRequest(f"not an incident id: {incident_id!r} (expected inc-<unix start>-<8 hex>)")
+        a = from_unix(int(m.group(1)))
+        con = self._con()
+        try:
+            newest = self._newest(con)
+            if newest is None:
+                raise NotFound(f"no incident {incident_id}: the store has no requests")
+            rng = (a, max(a + timedelta(seconds=self.step_s), newest + timedelta(milliseconds=1)))
+            rng = (a, min(rng[1], a + DEFAULT_RANGE))
+            found = self._cached(con, ("incident", incident_id, rng), lambda: self._incidents(con, None, rng, detail=True, only=incident_id))
+        finally:
+            con.close()
+        if not found["incidents"]:
+            raise NotFound(f"no incident {incident_id} in the store (it may have aged out)")
+        return found["incidents"][0]
+
+    def _incidents(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime],
+                   detail: bool, only: str | None = None) -> dict[str, Any]:
+        spikes = self._spikes(con, service, rng)
+        if only is not None:
+            spikes = [s for s in spikes if s["id"] == only]
+        if not spikes:
+            return {"incidents": []}
+        ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
+        results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
+                                    Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
+                                    Span(min(s["_a"] for s in spikes) - REFERENCE_BEFORE, max(s["_b"] for s in spikes) + REFERENCE_AFTER),
+                                    exclude=ranges)
+        out = []
+        for sp in spikes:
+            mine = [r for r in results if r["service"] == sp["service"] and sp["start"] <= r["start"] < sp["end"]]
+            inc = {k: v for k, v in sp.items() if not k.startswith("_")}
+            inc["slow_requests"] = len(mine)
+            inc["excess_ms"] = round(sum(r["excess_ms"] or 0.0 for r in mine), 1)
+            inc["causes"] = self._aggregate(con, sp, mine, ev)
+            slow_ids = [(r["trace_id"], r["span_id"]) for r in mine]
+            inc["contrast"] = contrast(con, sp["service"], slow_ids, sp["_a"] - REFERENCE_BEFORE, sp["_b"])
+            if detail:
+                inc["requests_detail"] = mine[:200]
+            else:
+                inc["examples"] = [r["trace_id"] for r in mine[:5]]
+            out.append(inc)
+        return {"incidents": out}
+
+    def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
+                 window: Span, ref: Span, exclude: Sequence[tuple[str, datetime, datetime]],
+                 limit: int | None = None, trace_id: str | None = None) -> tuple[list[dict[str, Any]], Evidence]:
+        classes = class_baselines(con, services, ref, exclude)
+        con.register("_classes", classes)
+        try:
+            kwargs: dict[str, Any] = {"trace_id": trace_id}
+            if limit is not None:
+                kwargs["limit"] = limit
+            cands = slow_candidates(con, "_classes", services, ranges, window, self.slo, **kwargs)
+        finally:
+            con.unregister("_classes")
+        ev = gather(con, cands, ref_start=ref.start, ref_end=ref.end, step_s=self.step_s)
+        return [attribute(r, ev) for r in cands], ev
+
+    def _aggregate(self, con: duckdb.DuckDBPyConnection, sp: dict[str, Any], results: list[dict[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
+        total = sum(r["excess_ms"] or 0.0 for r in results)
+        ms: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        rows: dict[str, dict[str, dict]] = defaultdict(dict)
+        for r in results:
+            for c in r["causes"]:
+                ms[c["cause"]] += c["excess_ms"] or 0.0
+                counts[c["cause"]] += 1
+                for e in c["evidence"]:
+                    key = json.dumps({k: e.get(k) for k in ("kind", "span_id", "batch_id", "pid", "time", "instance", "host", "gpu_index", "window_start", "system")}, sort_keys=True, default=str)
+                    kept = rows[c["cause"]].get(key)
+                    if kept is None:
+                        rows[c["cause"]][key] = dict(e, requests=1)
+                    else:
+                        kept["requests"] += 1
+        causes = []
+        for cause, v in sorted(ms.items(), key=lambda kv: -kv[1]):
+            evidence = sorted(rows[cause].values(), key=lambda e: -e["requests"])[:8]
+            causes.append({
+                "cause": cause, "share": round(v / total, 4) if total else 0.0, "excess_ms": round(v, 1),
+                "requests": counts[cause], "evidence": evidence,
+                "recommendation": self._recommend(con, cause, sp, [e for e in rows[cause].values()], ev),
+            })
+        return causes
+
+    def _recommend(self, con: duckdb.DuckDBPyConnection, cause: str, sp: dict[str, Any], rows: list[dict], ev: Evidence) -> dict[str, Any] | None:
+        s, a, b = sp["service"], sp["_a"], sp["_b"]
+        if cause == "compile_miss":
+            return recommend.compile_miss(con, s, a, b, rows)
+        if cause == "batch_contention":
+            return recommend.batch_contention(con, s, a, b, rows, ev)
+        if cause == "queue_saturation":
+            return recommend.queue_saturation(s, a, b, ev)
+        if cause == "provider_load":
+            return recommend.provider_load(rows, ev)
+        if cause == "kv_eviction":
+            return recommend.kv_eviction(rows)
+        if cause == "gpu_throttle":
+            return recommend.gpu_throttle(rows)
+        if cause == "gpu_contention":
+            return recommend.gpu_contention(rows)
+        if cause == "cold_start":
+            return recommend.cold_start(rows)
+        return {"summary": "no evidence in the telemetry explains this part of the excess; add stage spans "
+                           "(queue/prefill/decode), batch spans and GPU metrics so it can be decomposed."}
+
+    # --- slow requests ------------------------------------------------------
+    def slow_requests(self, service: str | None = None, start: TimeLike = None, end: TimeLike = None, limit: int = 100) -> dict[str, Any]:
+        """``{requests: [...]}``: requests over their comparable baseline, most excess first, with causes."""
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            raise BadRequest(f"limit: expected a whole number, got {limit!r}") from None
+        if not 1 <= limit <= 5000:
+            raise BadRequest(f"limit: must be between 1 and 5000, got {limit}")
+        con = self._con()
+        try:
+            rng = self._range(con, start, end)
+            if rng is None:
+                return {"requests": []}
+            return self._cached(con, ("slow", service, rng, limit), lambda: self._slow(con, service, rng, limit))
+        finally:
+            con.close()
+
+    def _slow(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime], limit: int) -> dict[str, Any]:
+        spikes = self._spikes(con, service, rng)
+        exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
+        services = [service] if service else None
+        results, _ = self._explain(con, services, None, Span(*rng), Span(*rng), exclude=exclude, limit=limit)
+        return {"start": iso(rng[0]), "end": iso(rng[1]), "requests": results}
+
+    # --- one trace ----------------------------------------------------------
+    def trace(self, trace_id: str) -> dict[str, Any]:
+        """Every span and event of one request, what overlapped it, and its analysis."""
+        if not isinstance(trace_id, str) or not _TRACE.match(trace_id):
+            raise BadRequest(f"not a trace id: {trace_id!r} (expected 32 hex digits)")
+        tid = trace_id.lower()
+        con = self._con()
+        try:
+            return self._trace(con, tid)
+        finally:
+            con.close()
+
+    def _trace(self, con: duckdb.DuckDBPyConnection, tid: str) -> dict[str, Any]:
+        spans = _rows(con.execute(
+            f"SELECT *, {REQUEST_PREDICATE} AS is_request, {LATENCY_MS} AS latency_ms FROM spans WHERE trace_id = ? ORDER BY start_time", [tid]))
+        if not spans:
+            raise NotFound(f"no trace {tid} in the store")
+        for s in spans:
+            for k in ("attributes", "resource_attributes"):
+                if isinstance(s.get(k), str):
+                    try:
+                        s[k] = json.loads(s[k])
+                    except ValueError:
+                        pass
+        events = _rows(con.execute("SELECT * FROM span_events WHERE trace_id = ? ORDER BY time", [tid]))
+        req = next((s for s in spans if s["is_request"]), None)
+        out: dict[str, Any] = {"trace_id": tid, "spans": spans, "events": events, "request": None}
+        logs = _rows(con.execute(
+            "SELECT * EXCLUDE (attributes, resource_attributes) FROM logs WHERE trace_id = ? OR lower(kv_victim_trace_id) = ? ORDER BY time",
+            [tid, tid]))
+        out["logs"] = logs
+        if req is None:
+            return out
+        out["request"] = {k: req.get(k) for k in ("span_id", "service_name", "model", "service_instance_id", "host_name", "gpu_index",
+                                                  "start_time", "end_time", "latency_ms", "input_tokens", "output_tokens", "batch_id")}
+        a, b = to_utc_naive(req["start_time"]), to_utc_naive(req["end_time"])
+        inst, host, gpu = req.get("service_instance_id"), req.get("host_name"), req.get("gpu_index")
+        out["overlapping_compiles"] = _rows(con.execute(
+            """SELECT trace_id, span_id, parent_span_id, start_time, end_time, duration_ms, compile_kind, compile_reason,
+                   compile_shape, compile_cache, compile_backend, compile_frame
+               FROM spans WHERE role = 'compile' AND service_instance_id = ? AND start_time <= ? AND end_time >= ?
+                 AND start_time >= ? - INTERVAL 1 HOUR ORDER BY start_time""", [inst, b, a, a]))
+        out["evictions"] = _rows(con.execute(
+            """SELECT time, event_name, service_instance_id, kv_reason, kv_blocks, kv_usage, kv_victim_trace_id FROM logs
+               WHERE event_name = 'tailscope.kv.eviction' AND time >= ? AND time <= ?
+                 AND (service_instance_id = ? OR lower(kv_victim_trace_id) = ?) ORDER BY time""", [a, b, inst, tid]))
+        out["replica_events"] = _rows(con.execute(
+            """SELECT time, event_name, service_instance_id, load_seconds FROM logs
+               WHERE event_name IN ('tailscope.replica.ready', 'tailscope.gpu.xid') AND time >= ? - INTERVAL 10 MINUTE AND time <= ?
+                 AND (service_instance_id = ? OR host_name = ?) ORDER BY time""", [a, b, inst, host]))
+        gpu_sql = "AND gpu_index = ?" if gpu is not None else ""
+        out["gpu_samples"] = _rows(con.execute(
+            f"""SELECT time, name, value, gpu_index, point_pid FROM metrics
+               WHERE host_name = ? {gpu_sql} AND time >= ? - INTERVAL 5 SECOND AND time <= ? + INTERVAL 5 SECOND
+                 AND name LIKE 'tailscope.gpu.%' ORDER BY time LIMIT 1000""",
+            [host, *([gpu] if gpu is not None else []), a, b]))
+        out["batch"] = self._batch_of(con, req, a)
+        out["analysis"] = self._analyse_one(con, req, a, b)
+        return out
+
+    def _batch_of(self, con: duckdb.DuckDBPyConnection, req: dict[str, Any], a: datetime) -> dict[str, Any] | None:
+        rows = _rows(con.execute(
+            """SELECT trace_id, span_id, batch_id, start_time, end_time, duration_ms, batch_size, batch_max_len, batch_min_len,
+                   batch_real_tokens, batch_padded_tokens, batch_wait_s
+               FROM spans WHERE role = 'batch' AND start_time >= ? - INTERVAL 10 MINUTE AND start_time <= ? + INTERVAL 10 MINUTE
+                 AND (batch_id = ? OR (trace_id, span_id) IN (SELECT trace_id, span_id FROM span_links
+                      WHERE linked_trace_id = ? AND linked_span_id = ?))
+               LIMIT 1""", [a, a, req.get("batch_id"), req["trace_id"], req["span_id"]]))
+        if not rows:
+            return None
+        batch = rows[0]
+        batch["members"] = _rows(con.execute(
+            f"""SELECT trace_id, span_id, input_tokens, output_tokens, shape_len, {LATENCY_MS} AS latency_ms FROM spans
+               WHERE {REQUEST_PREDICATE} AND start_time >= ? - INTERVAL 10 MINUTE AND start_time <= ? + INTERVAL 10 MINUTE
+                 AND (batch_id = ? OR (trace_id, span_id) IN (SELECT linked_trace_id, linked_span_id FROM span_links
+                      WHERE trace_id = ? AND span_id = ?))
+               ORDER BY input_tokens DESC NULLS LAST LIMIT 256""",
+            [a, a, batch.get("batch_id"), batch["trace_id"], batch["span_id"]]))
+        batch["longest_member"] = batch["members"][0] if batch["members"] else None
+        return batch
+
+    def _analyse_one(self, con: duckdb.DuckDBPyConnection, req: dict[str, Any], a: datetime, b: datetime) -> dict[str, Any] | None:
+        service = req.get("service_name")
+        if not service:
+            return None
+        ref = Span(a - REFERENCE_BEFORE, b + REFERENCE_AFTER)
+        spikes = self._spikes(con, service, (ref.start, ref.end))
+        exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
+        results, _ = self._explain(con, [service], None, Span(a, a + timedelta(microseconds=1)), ref, exclude,
+                                   trace_id=req["trace_id"])
+        mine = [r for r in results if r["span_id"] == req["span_id"]]
+        return mine[0] if mine else None
