@@ -1,0 +1,186 @@
+"""Shapes and compiles: the padded-shape and input-length distributions with
+the recommended buckets drawn over them, and compile events over time with
+their reasons.
+
+A recompile storm is a shape problem: every new padded length the kernels
+see can cost a compile. Seeing the lengths next to the suggested bucket
+edges shows how much padding the fix costs and how many shapes it leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import html
+
+from dashboard import queries
+from dashboard.components import base_figure_layout, empty_figure, fmt_ms, fmt_pct, fmt_time, graph, link, section, table, to_datetime
+from dashboard.context import PageContext
+
+KIND_COLORS = {"recompile": "#d62728", "first": "#1f77b4"}
+
+
+BUCKET_CHOICES = (4, 8, 16)
+SHOWN_K = 8
+
+
+def bucket_options(ctx: PageContext, start: Any, end: Any) -> tuple[list[dict[str, Any]], float | None]:
+    """The analyzer's padding-bucket optimiser over the range's input lengths.
+
+    Returns one option per bucket count (bounds, padding overhead vs the real
+    tokens) and the padding overhead the service runs with now.
+    """
+    from analyzer.buckets import optimal_buckets
+
+    data = queries.length_counts(ctx.store, start, end, ctx.state.service)
+    lengths, counts = data["lengths"], data["counts"]
+    real = sum(n * c for n, c in zip(lengths, counts))
+    options = []
+    for k in BUCKET_CHOICES:
+        if not lengths:
+            break
+        bounds, padded = optimal_buckets(lengths, counts, k)
+        options.append({"k": k, "buckets": bounds, "overhead": (padded / real - 1.0) if real else None})
+        if len(bounds) < k:
+            break
+    current = (float(data["padded"]) / float(data["real"]) - 1.0) if data.get("real") and data.get("padded") else None
+    return options, current
+
+
+def distribution_figure(shapes: list[dict[str, Any]], lengths: list[dict[str, Any]], buckets: list[int]) -> go.Figure:
+    fig = go.Figure()
+    if lengths:
+        fig.add_trace(
+            go.Bar(
+                x=[r["lo"] + r["width"] / 2 for r in lengths],
+                y=[r["requests"] for r in lengths],
+                width=[r["width"] for r in lengths],
+                name="input length (tokens)",
+                marker_color="rgba(31,119,180,0.35)",
+                hovertemplate="%{x:.0f} tokens: %{y} requests<extra></extra>",
+            )
+        )
+    if shapes:
+        fig.add_trace(
+            go.Bar(
+                x=[r["shape_len"] for r in shapes],
+                y=[r["requests"] for r in shapes],
+                name="padded shape the kernels ran",
+                marker_color="#ff7f0e",
+                width=[max(1.0, _width(shapes)) for _ in shapes],
+                hovertemplate="shape %{x}: %{y} requests<extra></extra>",
+            )
+        )
+    for b in buckets:
+        fig.add_vline(x=b, line_dash="dash", line_color="#2ca02c", line_width=1.5, annotation_text=str(b), annotation_font_size=10, annotation_font_color="#2ca02c")
+    base_figure_layout(fig, title="Sequence lengths (recommended buckets dashed green)", height=340)
+    fig.update_layout(barmode="overlay", bargap=0)
+    fig.update_xaxes(title_text="tokens")
+    fig.update_yaxes(title_text="requests")
+    return fig
+
+
+def _width(shapes: list[dict[str, Any]]) -> float:
+    xs = sorted(r["shape_len"] for r in shapes)
+    if len(xs) < 2:
+        return 1.0
+    return max(1.0, (xs[-1] - xs[0]) / 300)
+
+
+def compiles_figure(events: list[dict[str, Any]]) -> go.Figure:
+    if not events:
+        return empty_figure("no compile events in this range", 260)
+    fig = go.Figure()
+    for kind in sorted({e.get("compile_kind") or "?" for e in events}):
+        sel = [e for e in events if (e.get("compile_kind") or "?") == kind]
+        fig.add_trace(
+            go.Scatter(
+                x=[to_datetime(e["start_time"]) for e in sel],
+                y=[e["duration_ms"] for e in sel],
+                mode="markers",
+                name=kind,
+                marker={"size": 9, "color": KIND_COLORS.get(kind, "#7f7f7f"), "line": {"width": 0.5, "color": "#333"}},
+                customdata=[[e.get("service_instance_id") or "", e.get("compile_shape") or "", (e.get("compile_reason") or "")[:160]] for e in sel],
+                hovertemplate="%{y:.0f} ms on %{customdata[0]}<br>shape %{customdata[1]}<br>%{customdata[2]}<extra>" + kind + "</extra>",
+            )
+        )
+    base_figure_layout(fig, title="Compile events (duration of the stall)", height=300)
+    fig.update_yaxes(title_text="ms", rangemode="tozero")
+    return fig
+
+
+def render(ctx: PageContext) -> Any:
+    start, end = ctx.window
+    service = ctx.state.service
+    shapes = queries.shape_distribution(ctx.store, start, end, service)
+    lengths = queries.input_length_histogram(ctx.store, start, end, service)
+    options, current_overhead = bucket_options(ctx, start, end)
+    shown = next((o for o in options if o["k"] == SHOWN_K), options[-1] if options else None)
+    buckets = shown["buckets"] if shown else []
+    events = queries.compile_events(ctx.store, start, end, service)
+    distinct_shapes = len(shapes)
+    reasons = queries.compile_reasons(ctx.store, start, end, service)
+
+    if shapes or lengths:
+        dist: Any = graph(distribution_figure(shapes, lengths, buckets), id="shape-distribution")
+    else:
+        dist = graph(empty_figure("no request lengths in this range"), id="shape-distribution")
+    reason_rows = [
+        [r["kind"], html.Code(r["reason"][:300]), str(r["compiles"]), str(r["shapes"]), fmt_ms(r["total_ms"]), fmt_ms(r["max_ms"])]
+        for r in reasons
+    ]
+    recent = [
+        [
+            fmt_time(e["start_time"]),
+            e.get("service_instance_id") or "–",
+            e.get("compile_kind") or "–",
+            e.get("compile_shape") or "–",
+            fmt_ms(e["duration_ms"]),
+            link("request", ctx.request_href(e["trace_id"]), className="ts-link request-link") if e.get("trace_id") else "–",
+        ]
+        for e in sorted(events, key=lambda e: e["duration_ms"] or 0, reverse=True)[:20]
+    ]
+    return html.Div(
+        [
+            html.H2("Shapes and compiles"),
+            html.Div(
+                [
+                    html.Span(f"{distinct_shapes} distinct padded shapes", className="ts-pill"),
+                    html.Span(f"{len(events)} compile events", className="ts-pill"),
+                    html.Span(f"{sum(1 for e in events if e.get('compile_kind') == 'recompile')} recompiles", className="ts-pill"),
+                ]
+            ),
+            section(
+                "Lengths and recommended buckets",
+                dist,
+                html.Div(
+                    [
+                        html.B("Recommended buckets: "),
+                        ", ".join(map(str, buckets)),
+                        f" — {len(buckets)} compiled shapes instead of {distinct_shapes}, "
+                        f"{fmt_pct(shown['overhead'])} extra padded tokens"
+                        + (f" (padding now costs {fmt_pct(current_overhead)})" if current_overhead is not None else ""),
+                    ],
+                    className="ts-rec",
+                    id="bucket-rec",
+                )
+                if shown
+                else html.Div("no input lengths in this range to recommend buckets from", className="ts-muted", id="bucket-rec"),
+                table(
+                    ["buckets", "bounds", "extra padded tokens"],
+                    [[str(len(o["buckets"])), ", ".join(map(str, o["buckets"])), fmt_pct(o["overhead"])] for o in options],
+                    empty="",
+                    class_name="ts-table ts-small",
+                ),
+                id="shapes",
+            ),
+            section("Compile events over time", graph(compiles_figure(events), id="compile-events"), id="compiles"),
+            section(
+                "Compile reasons (guard failures)",
+                table(["kind", "reason", "compiles", "shapes", "total stall", "longest"], reason_rows, empty="no compile events in this range"),
+                id="compile-reasons",
+            ),
+            section("Longest compile stalls", table(["start", "replica", "kind", "shape", "stall", "trace"], recent, empty="none"), id="compile-longest"),
+        ]
+    )

@@ -1,0 +1,210 @@
+"""End-to-end: real headless Chromium (Debian's) against the real server.
+
+The server is filled through the real OTLP ingest with the scenario of
+``test_dashboard_scenario`` (a compile-miss spike on replica-2). Each page
+must load with no console error and show the incident and its cause; the SQL
+console must run a query and refuse a write.
+
+Screenshots go to a temporary folder, or to ``$DASHBOARD_SCREENSHOTS_DIR``
+when set (``docs/screenshots/`` is refreshed that way).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from test_dashboard_scenario import Scenario, send_scenario, wait_ingested
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = 30_000
+
+
+class _Running:
+    def __init__(self, server: Any, port: int) -> None:
+        self.server = server
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def store(self) -> Any:
+        return self.server.store
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Running, Scenario]]:
+    from tailscope.config import load
+    from tailscope.server import build_server
+
+    db = tmp_path_factory.mktemp("dash-browser") / "store.duckdb"
+    server = build_server(load({"db": str(db), "port": 0, "grpc_port": 0, "dashboard": True}, environ={}))
+    port = server.serve_in_thread()
+    running = _Running(server, port)
+    try:
+        sc = send_scenario(running.url)
+        wait_ingested(running, sc)
+        yield running, sc
+    finally:
+        server.shutdown_thread()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = os.environ.get("DASHBOARD_SCREENSHOTS_DIR")
+    path = Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _Page:
+    """A browser tab that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser: Any) -> None:
+        self.context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.problems: list[str] = []
+        self.page.on("console", lambda m: self.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"pageerror: {e}"))
+
+    def settle(self) -> None:
+        """Wait until Dash has no callback in flight and the page is painted."""
+        self.page.wait_for_selector("#page > *")
+        self.page.wait_for_function("() => !document.querySelector('[data-dash-is-loading=\"true\"]')")
+        self.page.wait_for_timeout(300)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser: Any) -> Iterator[_Page]:
+    p = _Page(browser)
+    yield p
+    p.close()
+
+
+def _window(sc: Scenario) -> str:
+    start = sc.now - dt.timedelta(minutes=50)
+    end = sc.now + dt.timedelta(minutes=1)
+    return f"?start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
+
+
+PAGES = [
+    ("overview", "", ["Overview", "compile miss", "Incidents"]),
+    ("gpus", "gpus", ["SW power cap", "Per-process GPU memory"]),
+    ("shapes", "shapes", ["Recommended buckets", "size mismatch at index 1", "recompile"]),
+    ("batching", "batching", ["Head-of-line cases", "shortest ("]),
+    ("hours", "hours", ["Hour of day", "Per provider"]),
+    ("sql", "sql", ["SQL console", "Tables", "span_links"]),
+]
+
+
+@pytest.mark.parametrize("name, path, expected", PAGES, ids=[p[0] for p in PAGES])
+def test_page_loads_clean(site: Any, tab: _Page, shots: Path, name: str, path: str, expected: list[str]) -> None:
+    running, sc = site
+    tab.page.goto(running.url + "/dashboard/" + path + _window(sc))
+    tab.settle()
+    body = tab.page.inner_text("#page")
+    for text in expected:
+        assert text in body, f"{name}: {text!r} not shown"
+    if name == "overview":
+        tab.page.wait_for_selector("#latency-chat-api .main-svg")
+    tab.page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    assert tab.problems == [], tab.problems
+
+
+def test_incident_and_request_pages_via_links(site: Any, tab: _Page, shots: Path) -> None:
+    running, sc = site
+    tab.page.goto(running.url + "/dashboard/" + _window(sc))
+    tab.settle()
+    tab.page.click("a.incident-link >> nth=0")
+    tab.page.wait_for_url("**/dashboard/incident/**")
+    tab.page.wait_for_selector("#cause-compile_miss")
+    tab.settle()
+    body = tab.page.inner_text("#page")
+    assert "compile miss" in body and "Recommendation" in body and "Contrast" in body
+    tab.page.screenshot(path=str(shots / "incident.png"), full_page=True)
+    incident_url = tab.page.url
+
+    tab.page.click("#incident-slow a.request-link >> nth=0")
+    tab.page.wait_for_url("**/dashboard/request/**")
+    tab.page.wait_for_selector("#request-waterfall .main-svg")
+    tab.settle()
+    body = tab.page.inner_text("#page")
+    assert "Why it was slow" in body and "compile miss" in body and "size mismatch" in body
+    tab.page.screenshot(path=str(shots / "request.png"), full_page=True)
+
+    # The incident link is a plain URL: pasted into a fresh tab it opens the same page.
+    fresh = tab.context.new_page()
+    fresh.goto(incident_url)
+    fresh.wait_for_selector("#cause-compile_miss", timeout=TIMEOUT_MS)
+    fresh.close()
+    assert tab.problems == [], tab.problems
+
+
+def test_sql_console_runs_and_refuses_a_write(site: Any, tab: _Page, shots: Path) -> None:
+    running, _ = site
+    tab.page.goto(running.url + "/dashboard/sql")
+    tab.settle()
+    tab.page.fill("#sql-editor", "SELECT role, count(*) AS spans FROM spans GROUP BY role ORDER BY spans DESC")
+    tab.page.click("#sql-run")
+    tab.page.wait_for_selector("#sql-table td:has-text('request')")
+    assert "rows" in tab.page.inner_text("#sql-status")
+    tab.page.screenshot(path=str(shots / "sql.png"), full_page=True)
+
+    with tab.page.expect_download() as dl:
+        tab.page.click("#sql-csv")
+    assert dl.value.suggested_filename.endswith(".csv")
+    csv_text = Path(dl.value.path()).read_text()
+    assert csv_text.splitlines()[0] == "role,spans"
+
+    tab.page.fill("#sql-editor", "DELETE FROM spans")
+    tab.page.click("#sql-run")
+    error = tab.page.wait_for_selector("#sql-status .ts-error")
+    assert "read-only" in error.inner_text()
+    tab.page.screenshot(path=str(shots / "sql-refused.png"), full_page=False)
+    count = running.store.cursor().execute("SELECT count(*) FROM spans").fetchone()[0]
+    assert count > 0
+    assert tab.problems == [], tab.problems
+
+
+def test_controls_follow_the_url_and_write_it(site: Any, tab: _Page) -> None:
+    running, _ = site
+    tab.page.goto(running.url + "/dashboard/gpus?range=24h&service=embed-api")
+    tab.settle()
+    assert "last 24 hours" in tab.page.inner_text("#ctl-range")
+    assert "embed-api" in tab.page.inner_text("#ctl-service")
+    # Navigation keeps the view state in every link.
+    tab.page.click("#nav-shapes")
+    tab.page.wait_for_url("**/dashboard/shapes?range=24h&service=embed-api")
+    tab.settle()
+    # A bad link gives the API's one-line error, not a traceback.
+    tab.page.goto(running.url + "/dashboard/gpus?range=3w")
+    tab.settle()
+    assert tab.page.inner_text(".ts-error").startswith("invalid range: '3w'")
+    assert tab.problems == [], tab.problems
