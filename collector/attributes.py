@@ -9,10 +9,13 @@ an attribute list is handled as a whole batch:
   typed-column slot and coerced value, whether it is ``gen_ai.*``);
 * protobuf attributes arrive as raw ``KeyValue`` bytes (see ``collector.otlp``),
   so identical attributes across the batch — ``tailscope.role=request``, the
-  model, the GPU index — are decoded once (Arrow ``dictionary_encode`` plus a
-  small bounded memo across batches), and only distinct ones reach Python;
-* the per-item JSON object is then assembled by Arrow (``take`` of fragments,
-  list ``binary_join``), and typed columns are filled by a NumPy scatter.
+  model, the GPU index — are found by Arrow ``dictionary_encode`` and decoded
+  once; the distinct ones are decoded together by a NumPy reader of the
+  canonical encoding (:func:`decode_blobs`), and only unusual ones (nested
+  values, long strings) go through the protobuf parser one by one;
+* JSON fragments ``"key":value`` are made by Arrow string kernels, the
+  per-item JSON object is assembled by Arrow (``take`` of fragments, list
+  ``binary_join``), and typed columns are filled by a NumPy scatter.
 
 Values: strings, ints, doubles, bools as themselves; ``bytes`` as base64 text
 (as OTLP/JSON writes them); arrays as JSON lists; kvlists as JSON objects.
@@ -44,12 +47,6 @@ if TYPE_CHECKING:
 # the whole body: such values are never legitimate telemetry and deep recursion
 # is a denial-of-service vector.
 MAX_DEPTH = 32
-
-# Memo of decoded protobuf KeyValue bytes per (lifter, limit); cleared when full
-# so memory stays bounded. Only short encodings are memoised (long values are
-# almost never repeated).
-_MEMO_MAX = 50_000
-_MEMO_BLOB_MAX = 256
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -319,14 +316,17 @@ def decode_kv_blob(b: bytes, limit: int, trunc: Counter, kv_class: Any) -> tuple
 
 
 def coerce(value: Any, kind: str, sql_type: str) -> Any:
-    """``value`` converted for a typed column, or None when it has the wrong type."""
+    """``value`` converted for a typed column, or None when it has the wrong type.
+
+    Text columns take strings and integers; integer columns take integers,
+    integral doubles and decimal strings; double columns take numbers and
+    numeric strings. Anything else stays only in the JSON column.
+    """
     t = type(value)
     if kind == "str":
         if t is str:
             return value
-        if t is int or t is float:
-            return repr(value) if t is float else str(value)
-        return None
+        return str(value) if t is int else None
     if kind == "int":
         if t is int:
             x = value
@@ -338,7 +338,6 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
             return None
         lo, hi = (_INT32_MIN, _INT32_MAX) if sql_type == "INTEGER" else (_INT64_MIN, _INT64_MAX)
         return x if lo <= x <= hi else None
-    # float
     if t is float:
         return value
     if t is int:
@@ -351,13 +350,149 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
     return None
 
 
-class Lifter:
-    """Knows which attribute keys become which typed columns of one table.
+# value types of an entry
+_NULL, _STR, _INT, _FLT, _BOOL, _OTHER = 0, 1, 2, 3, 4, 5
+_KIND_CODE = {"str": _STR, "int": _INT, "float": _FLT}
+_NEEDS_ESCAPE = '["\\\\\\x00-\\x1f]'
 
-    An *entry* is the tuple ``(fragment, column index or -1, coerced value,
-    priority, is_gen_ai, key)``: priority 0 for a column's first key, higher for its
-    "also read" keys (the first present key wins).
+
+class Values:
+    """Typed values of ``n`` entries, one NumPy/Arrow array per type.
+
+    ``vtype`` says which array holds entry ``i``; ``other`` holds lists and
+    kvlists (decoded Python values) by entry index.
     """
+
+    __slots__ = ("vtype", "sval", "ival", "fval", "bval", "other")
+
+    def __init__(self, vtype: np.ndarray, sval: pa.Array, ival: np.ndarray, fval: np.ndarray,
+                 bval: np.ndarray, other: dict[int, Any]) -> None:
+        self.vtype = vtype
+        self.sval = sval
+        self.ival = ival
+        self.fval = fval
+        self.bval = bval
+        self.other = other
+
+    @classmethod
+    def from_python(cls, values: Sequence[Any]) -> "Values":
+        n = len(values)
+        vtype = np.zeros(n, dtype=np.int8)
+        ival = np.zeros(n, dtype=np.int64)
+        fval = np.zeros(n, dtype=np.float64)
+        bval = np.zeros(n, dtype=bool)
+        strs: list[str | None] = [None] * n
+        other: dict[int, Any] = {}
+        for i, v in enumerate(values):
+            t = type(v)
+            if t is str:
+                vtype[i] = _STR
+                strs[i] = v
+            elif t is int:
+                vtype[i] = _INT
+                ival[i] = v
+            elif t is float:
+                vtype[i] = _FLT
+                fval[i] = v
+            elif t is bool:
+                vtype[i] = _BOOL
+                bval[i] = v
+            elif v is not None:
+                vtype[i] = _OTHER
+                other[i] = v
+        return cls(vtype, pa.array(strs, pa.string()), ival, fval, bval, other)
+
+    def patch(self, at: Sequence[int], values: Sequence[Any]) -> None:
+        """Overwrite entries ``at`` with decoded Python ``values``."""
+        if not len(at):
+            return
+        strs = self.sval.to_pylist()
+        for i, v in zip(at, values):
+            t = type(v)
+            strs[i] = None
+            if t is str:
+                self.vtype[i] = _STR
+                strs[i] = v
+            elif t is int:
+                self.vtype[i] = _INT
+                self.ival[i] = v
+            elif t is float:
+                self.vtype[i] = _FLT
+                self.fval[i] = v
+            elif t is bool:
+                self.vtype[i] = _BOOL
+                self.bval[i] = v
+            elif v is None:
+                self.vtype[i] = _NULL
+            else:
+                self.vtype[i] = _OTHER
+                self.other[i] = v
+        self.sval = pa.array(strs, pa.string())
+
+    def json_text(self) -> pa.Array:
+        """JSON text of every value (each type formatted only where it occurs)."""
+        n = len(self.vtype)
+        if n == 0:
+            return pa.array([], pa.string())
+        vt = self.vtype
+        order = np.argsort(vt, kind="stable")
+        bounds = np.searchsorted(vt[order], np.arange(7)).tolist()
+        parts: list[pa.Array] = []
+        patch: dict[int, str] = {}
+        for t in range(6):
+            lo, hi = bounds[t], bounds[t + 1]
+            if lo == hi:
+                continue
+            sel = order[lo:hi]
+            if t == _STR:
+                sv = self.sval.take(pa.array(sel))
+                parts.append(pc.binary_join_element_wise('"', sv, '"', ""))
+                esc = pc.match_substring_regex(sv, _NEEDS_ESCAPE).to_numpy(zero_copy_only=False)
+                for j in np.nonzero(esc)[0].tolist():
+                    patch[lo + j] = _jstr(sv[j].as_py())
+            elif t == _INT:
+                parts.append(pa.array(self.ival[sel]).cast(pa.string()))
+            elif t == _FLT:
+                fv = self.fval[sel]
+                txt = pa.array(fv).cast(pa.string())
+                # Arrow prints 5.0 as "5": keep it a double in JSON
+                parts.append(pc.if_else(pc.match_substring_regex(txt, "[.en]"), txt, pc.binary_join_element_wise(txt, ".0", "")))
+                for j in np.nonzero(~np.isfinite(fv))[0].tolist():
+                    patch[lo + j] = _float_json(float(fv[j]))
+            elif t == _BOOL:
+                parts.append(pc.if_else(pa.array(self.bval[sel]), "true", "false"))
+            elif t == _NULL:
+                parts.append(pa.array(["null"] * (hi - lo), pa.string()))
+            else:
+                parts.append(pa.array([value_json(self.other[i]) for i in sel.tolist()], pa.string()))
+        by_type = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+        if patch:
+            texts = by_type.to_pylist()
+            for i, t in patch.items():
+                texts[i] = t
+            by_type = pa.array(texts, pa.string())
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = np.arange(n, dtype=np.int64)
+        return by_type.take(pa.array(inverse))
+
+
+class Entries:
+    """Distinct attributes of a batch, as columns (see the module docstring).
+
+    ``frag``: JSON fragment ``"key":value``; ``key_id`` into ``keys``; ``col``:
+    typed column index or -1; ``prio``: 0 for a column's first key; ``gen_ai``;
+    ``lift_s``/``lift_i``/``lift_f``: the value converted for a text, integer
+    or double column; ``trunc``: values cut to the size limit in this entry.
+    """
+
+    __slots__ = ("frag", "key_id", "keys", "col", "prio", "gen_ai", "lift_s", "lift_i", "lift_f", "trunc")
+
+    def __len__(self) -> int:
+        return len(self.key_id)
+
+
+class Lifter:
+    """Knows which attribute keys become which typed columns of one table."""
 
     def __init__(self, columns: Sequence[AttrColumn]) -> None:
         self.columns = tuple(columns)
@@ -367,22 +502,6 @@ class Lifter:
         for ci, col in enumerate(self.columns):
             for prio, key in enumerate(col.keys):
                 self._keys.setdefault(key, (ci, prio, col.kind, col.sql_type))
-        self._key_json: dict[str, str] = {}
-        self._memo: dict[int, dict[bytes, tuple]] = {}
-
-    def entry(self, key: str, value: Any) -> tuple:
-        kj = self._key_json.get(key)
-        if kj is None:
-            kj = _jstr(key) + ":"
-            if len(self._key_json) < _MEMO_MAX:
-                self._key_json[key] = kj
-        spec = self._keys.get(key)
-        ci, prio, lifted = -1, 0, None
-        if spec is not None:
-            lifted = coerce(value, spec[2], spec[3])
-            if lifted is not None:
-                ci, prio = spec[0], spec[1]
-        return (kj + value_json(value), ci, lifted, prio, key.startswith("gen_ai."), key)
 
     def lift_row(self, pairs: Iterable[tuple[str, Any]]) -> list[Any]:
         """Typed-column values for one attribute list (used for resources)."""
@@ -398,65 +517,230 @@ class Lifter:
                 best[spec[0]] = spec[1]
         return row
 
-    def pb_entries(self, flat: list[bytes], limit: int, kv_class: Any) -> tuple[list[tuple], np.ndarray, int]:
-        """Entries for raw KeyValue bytes: ``(unique entries, index per flat item, truncated)``."""
-        n = len(flat)
-        if n == 0:
-            return [], np.zeros(0, dtype=np.int64), 0
-        enc = pc.dictionary_encode(pa.array(flat, pa.binary()))
-        uniq = enc.dictionary.to_pylist()
-        index = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        memo = self._memo.get(limit)
-        if memo is None:
-            memo = self._memo.setdefault(limit, {})
-        if len(memo) > _MEMO_MAX:
-            memo.clear()
-        trunc = Counter()
-        entries: list[tuple] = []
-        truncated_u: list[int] = []
-        append = entries.append
-        for blob in uniq:
-            e = memo.get(blob)
-            if e is None:
-                before = trunc.n
-                key, value = decode_kv_blob(blob, limit, trunc, kv_class)
-                e = self.entry(key, value)
-                cut = trunc.n - before
-                if cut:
-                    truncated_u.append(len(entries))
-                    truncated_u.append(cut)
-                elif len(blob) <= _MEMO_BLOB_MAX:
-                    memo[blob] = e
-            append(e)
-        truncated = 0
-        if truncated_u:
-            counts = np.bincount(index, minlength=len(entries))
-            for pos in range(0, len(truncated_u), 2):
-                truncated += int(counts[truncated_u[pos]]) * truncated_u[pos + 1]
-        return entries, index, truncated
+    # -- building entries
 
-    def py_entries(self, flat: list[tuple[str, Any]]) -> tuple[list[tuple], np.ndarray]:
-        """Entries for already-decoded ``(key, value)`` pairs (OTLP/JSON, resources)."""
-        entry = self.entry
-        return [entry(k, v) for k, v in flat], np.arange(len(flat), dtype=np.int64)
+    def entries(self, keys: pa.Array, vals: Values, trunc: np.ndarray) -> Entries:
+        """Entries from keys (a string array) and their typed values."""
+        enc = keys.dictionary_encode()
+        key_id = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        uniq = enc.dictionary.to_pylist()
+        k = len(uniq)
+        k_json = pa.array([_jstr(u) + ":" for u in uniq], pa.string())
+        k_col = np.full(k, -1, dtype=np.int64)
+        k_prio = np.zeros(k, dtype=np.int64)
+        k_kind = np.zeros(k, dtype=np.int8)
+        k_i32 = np.zeros(k, dtype=bool)
+        k_gen = np.zeros(k, dtype=bool)
+        for j, u in enumerate(uniq):
+            spec = self._keys.get(u)
+            if spec is not None:
+                k_col[j], k_prio[j], k_kind[j] = spec[0], spec[1], _KIND_CODE[spec[2]]
+                k_i32[j] = spec[3] == "INTEGER"
+            k_gen[j] = u.startswith("gen_ai.")
+        e = Entries()
+        e.keys = uniq
+        e.key_id = key_id
+        e.trunc = trunc
+        text = vals.json_text()
+        e.frag = pc.binary_join_element_wise(k_json.take(pa.array(key_id)), text, "") if len(key_id) else text
+        e.gen_ai = k_gen[key_id]
+        e.prio = k_prio[key_id]
+        kind = k_kind[key_id]
+        col = k_col[key_id]
+        vt = vals.vtype
+        ival, fval = vals.ival, vals.fval
+        with np.errstate(invalid="ignore"):
+            integral = np.isfinite(fval) & (np.floor(fval) == fval) & (np.abs(fval) < 9.2e18)
+        lift_i = np.where(vt == _INT, ival, np.where(integral, fval, 0).astype(np.int64))
+        ok_int = (vt == _INT) | ((vt == _FLT) & integral)
+        i32 = k_i32[key_id]
+        ok_int &= ~i32 | ((lift_i >= _INT32_MIN) & (lift_i <= _INT32_MAX))
+        lift_f = np.where(vt == _INT, ival.astype(np.float64), fval)
+        ok = np.where(kind == _STR, (vt == _STR) | (vt == _INT),
+                      np.where(kind == _INT, ok_int, (kind == _FLT) & ((vt == _INT) | (vt == _FLT))))
+        # numeric strings for numeric columns: rare, done in Python
+        num_str = np.nonzero((vt == _STR) & ((kind == _INT) | (kind == _FLT)))[0]
+        if len(num_str):
+            for i in num_str.tolist():
+                spec_kind = "int" if kind[i] == _INT else "float"
+                v = coerce(vals.sval[i].as_py(), spec_kind, "INTEGER" if i32[i] else "BIGINT")
+                if v is not None:
+                    ok[i] = True
+                    if spec_kind == "int":
+                        lift_i[i] = v
+                    else:
+                        lift_f[i] = v
+        e.col = np.where(ok, col, -1)
+        e.lift_i = lift_i
+        e.lift_f = lift_f
+        e.lift_s = _lift_text(vals, ok & (kind == _STR))
+        return e
+
+    def py_entries(self, flat: Sequence[tuple[str, Any]], trunc: np.ndarray | None = None) -> Entries:
+        """Entries for decoded ``(key, value)`` pairs (OTLP/JSON, protobuf fallbacks)."""
+        keys = pa.array([p[0] for p in flat], pa.string())
+        vals = Values.from_python([p[1] for p in flat])
+        if trunc is None:
+            trunc = np.zeros(len(flat), dtype=np.int64)
+        return self.entries(keys, vals, trunc)
+
+    def pb_entries(self, flat: list[bytes], limit: int, kv_class: Any) -> tuple[Entries, np.ndarray]:
+        """Entries for raw KeyValue encodings: ``(distinct entries, entry index per item)``."""
+        if not flat:
+            return self.py_entries([]), np.zeros(0, dtype=np.int64)
+        enc = pc.dictionary_encode(pa.array(flat, pa.binary()))
+        index = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        keys, vals, fallback = decode_blobs(enc.dictionary, limit)
+        trunc = np.zeros(len(vals.vtype), dtype=np.int64)
+        if len(fallback):
+            counter = Counter()
+            blobs = enc.dictionary
+            key_list = keys.to_pylist()
+            values = []
+            for i in fallback.tolist():
+                before = counter.n
+                key, value = decode_kv_blob(blobs[i].as_py(), limit, counter, kv_class)
+                trunc[i] = counter.n - before
+                key_list[i] = key
+                values.append(value)
+            keys = pa.array(key_list, pa.string())
+            vals.patch(fallback.tolist(), values)
+        return self.entries(keys, vals, trunc), index
+
+
+def _lift_text(vals: Values, wanted: np.ndarray) -> pa.Array:
+    """Text-column values: strings as they are, integers in decimal."""
+    ints = np.nonzero(wanted & (vals.vtype == _INT))[0]
+    if not len(ints):
+        return vals.sval
+    texts = vals.sval.to_pylist()
+    for i, v in zip(ints.tolist(), vals.ival[ints].tolist()):
+        texts[i] = str(v)
+    return pa.array(texts, pa.string())
+
+
+# ------------------------------------------------------------ vectorised KeyValue reader
+
+
+def _substrings(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    """A string array of ``data[starts[i]:starts[i]+lengths[i]]`` (UTF-8 checked)."""
+    n = len(starts)
+    offsets = np.zeros(n + 1, dtype=np.int32)  # bodies are far below 2 GiB
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(total, dtype=np.int64)
+    buf = data[idx].tobytes()
+    arr = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(buf)])
+    return arr.cast(pa.string())  # raises ArrowInvalid on bad UTF-8
+
+
+_SHIFTS = (7 * np.arange(10, dtype=np.uint64)).astype(np.uint64)
+_PAD = 160  # reads past an item's end stay inside the padded buffer
+
+
+def decode_blobs(blobs: pa.Array, limit: int) -> tuple[pa.Array, Values, np.ndarray]:
+    """Decode serialized ``KeyValue``s with scalar values, all at once.
+
+    Handles the canonical encoding every SDK writes for scalar attributes with
+    short keys and values (key < 128 bytes, value < 126 bytes). Returns the
+    keys, the values and the indices it did *not* handle (empty key, nested
+    values, bytes, long or over-limit strings, reordered or unknown fields);
+    their keys are ``""`` and values null until the caller fills them in.
+    """
+    n = len(blobs)
+    offs = np.frombuffer(blobs.buffers()[1], dtype=np.int32)[blobs.offset: blobs.offset + n + 1].astype(np.int64)
+    raw = blobs.buffers()[2]
+    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, dtype=np.uint8)
+    d = np.concatenate([data, np.zeros(_PAD, dtype=np.uint8)])
+    s = offs[:-1]
+    length = offs[1:] - s
+    # header: 0A <key len> key 12 <value len> <value tag> ...
+    ok = length >= 4
+    s = np.where(ok, s, 0)
+    kl = d[s + 1].astype(np.int64)
+    ok &= (d[s] == 0x0A) & (kl > 0) & (kl < 128)
+    p = np.where(ok, s + 2 + kl, 0)
+    vl = d[p + 1].astype(np.int64)
+    ok &= (d[p] == 0x12) & (vl < 128) & (length == 4 + kl + vl)
+    tag = np.where(ok & (vl > 0), d[p + 2], 0)
+    q = p + 3  # first byte after the value's tag
+    vtype = np.zeros(n, dtype=np.int8)
+    handled = ok & (vl == 0)  # empty AnyValue: null
+
+    # strings: 0A <len> bytes
+    i_str = np.nonzero(tag == 0x0A)[0]
+    sl = d[q[i_str]].astype(np.int64)
+    good = (sl < 128) & (vl[i_str] == sl + 2) & (sl <= limit)
+    i_str, sl = i_str[good], sl[good]
+    vtype[i_str] = _STR
+    handled[i_str] = True
+    # ints: 18 varint (1-10 bytes, canonical)
+    ival = np.zeros(n, dtype=np.int64)
+    i_int = np.nonzero(tag == 0x18)[0]
+    if len(i_int):
+        nb = vl[i_int] - 1
+        grid = d[q[i_int][:, None] + np.arange(10)].astype(np.uint64)
+        pos = np.arange(10)[None, :]
+        within = pos < nb[:, None]
+        cont = (grid & 0x80) != 0
+        canon = (nb >= 1) & (nb <= 10) & np.all((cont == (pos < (nb - 1)[:, None])) | ~within, axis=1)
+        v = np.sum(np.where(within, (grid & np.uint64(0x7F)) << _SHIFTS, np.uint64(0)), axis=1, dtype=np.uint64)
+        i_int, v = i_int[canon], v[canon]
+        ival[i_int] = v.view(np.int64)
+        vtype[i_int] = _INT
+        handled[i_int] = True
+    # doubles: 21 + 8 bytes little endian
+    fval = np.zeros(n, dtype=np.float64)
+    i_flt = np.nonzero((tag == 0x21) & (vl == 9))[0]
+    if len(i_flt):
+        fval[i_flt] = np.ascontiguousarray(d[q[i_flt][:, None] + np.arange(8)]).view("<f8").reshape(len(i_flt))
+        vtype[i_flt] = _FLT
+        handled[i_flt] = True
+    # bools: 10 + one varint byte
+    bval = np.zeros(n, dtype=bool)
+    i_bool = np.nonzero((tag == 0x10) & (vl == 2))[0]
+    if len(i_bool):
+        byte = d[q[i_bool]]
+        i_bool, byte = i_bool[byte < 0x80], byte[byte < 0x80]
+        bval[i_bool] = byte != 0
+        vtype[i_bool] = _BOOL
+        handled[i_bool] = True
+
+    keys = _substrings(d, s + 2, np.where(handled, kl, 0))
+    if len(i_str) == n:
+        svals = _substrings(d, q + 1, sl)
+    else:
+        starts = np.zeros(n, dtype=np.int64)
+        lens = np.zeros(n, dtype=np.int64)
+        starts[i_str] = q[i_str] + 1
+        lens[i_str] = sl
+        is_str = np.zeros(n, dtype=bool)
+        is_str[i_str] = True
+        svals = _substrings(d, starts, lens)
+        svals = pa.Array.from_buffers(pa.string(), n, [pa.array(is_str).buffers()[1]] + svals.buffers()[1:])
+    return keys, Values(vtype, svals, ival, fval, bval, {}), np.nonzero(~handled)[0]
+
+
+# ----------------------------------------------------------------- item columns
 
 
 class AttrColumns:
     """The result of :func:`columns`: JSON column, typed columns, gen_ai flags."""
 
-    __slots__ = ("json", "lifted", "gen_ai")
+    __slots__ = ("json", "lifted", "gen_ai", "truncated")
 
-    def __init__(self, json_col: pa.Array, lifted: list[pa.Array], gen_ai: np.ndarray) -> None:
+    def __init__(self, json_col: pa.Array, lifted: list[pa.Array], gen_ai: np.ndarray, truncated: int) -> None:
         self.json = json_col
         self.lifted = lifted
         self.gen_ai = gen_ai
+        self.truncated = truncated
 
 
-def columns(lifter: Lifter, entries: list[tuple], index: np.ndarray, counts: Sequence[int]) -> AttrColumns:
-    """Assemble per-item columns from entries.
+def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]) -> AttrColumns:
+    """Assemble per-item columns.
 
     Args:
-        entries: distinct attributes (see :class:`Lifter`).
+        e: distinct attributes.
         index: for each attribute of each item, in item order, its entry.
         counts: number of attributes of each item.
     """
@@ -465,63 +749,64 @@ def columns(lifter: Lifter, entries: list[tuple], index: np.ndarray, counts: Seq
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(cnt, out=offsets[1:])
     item_of = np.repeat(np.arange(n, dtype=np.int64), cnt)
-    frags = pa.array([e[0] for e in entries], pa.string()) if entries else pa.array([], pa.string())
-    taken = frags.take(pa.array(index)) if len(index) else pa.array([], pa.string())
+    idx = pa.array(index, pa.int64())
+    taken = e.frag.take(idx) if len(index) else pa.array([], pa.string())
     lists = pa.LargeListArray.from_arrays(pa.array(offsets), taken)
     json_col = pc.binary_join_element_wise("{", pc.binary_join(lists, ","), "}", "")
 
-    key_ids: dict[str, int] = {}
-    kid = np.fromiter((key_ids.setdefault(e[5], len(key_ids)) for e in entries), dtype=np.int64, count=len(entries))
     if len(index):
-        combined = item_of * max(len(key_ids), 1) + kid[index]
-        if len(np.unique(combined)) != len(combined):
-            json_col = _dedupe_json(entries, index, offsets, json_col, item_of, combined)
+        combined = item_of * max(len(e.keys), 1) + e.key_id[index]
+        if n * max(len(e.keys), 1) <= 1 << 24:
+            repeated = np.bincount(combined).max() > 1
+        else:
+            repeated = len(np.unique(combined)) != len(combined)
+        if repeated:
+            json_col = _dedupe_json(e, index, offsets, json_col, item_of, combined)
 
-    # typed columns: scatter entry values into per-item slots
     lifted: list[pa.Array] = []
-    ncols = len(lifter.columns)
-    col_u = np.fromiter((e[1] for e in entries), dtype=np.int64, count=len(entries))
-    col_flat = col_u[index] if len(index) else np.zeros(0, dtype=np.int64)
+    col_flat = e.col[index] if len(index) else np.zeros(0, dtype=np.int64)
     present = set(np.unique(col_flat).tolist()) if len(col_flat) else set()
-    prio_u = None
-    for ci in range(ncols):
+    arrays: dict[str, pa.Array] = {}
+    for ci, spec in enumerate(lifter.columns):
         typ = lifter.types[ci]
         if ci not in present:
             lifted.append(pa.nulls(n, typ))
             continue
         pos = np.nonzero(col_flat == ci)[0]
-        if len(lifter.columns[ci].keys) > 1:
-            # lower priority (later "also read" keys) first, so the first key wins
-            if prio_u is None:
-                prio_u = np.fromiter((e[3] for e in entries), dtype=np.int64, count=len(entries))
-            pos = pos[np.argsort(-prio_u[index[pos]], kind="stable")]
-        src = index[pos]
-        uniq_src, inv = np.unique(src, return_inverse=True)
-        vals = pa.array([entries[u][2] for u in uniq_src.tolist()], typ)
+        if len(spec.keys) > 1:
+            # later "also read" keys first, so the first key present wins
+            pos = pos[np.argsort(-e.prio[index[pos]], kind="stable")]
         sel = np.full(n, -1, dtype=np.int64)
-        sel[item_of[pos]] = inv
-        lifted.append(vals.take(pa.array(sel, mask=sel < 0)))
-    gen_flat = np.fromiter((e[4] for e in entries), dtype=bool, count=len(entries))
+        sel[item_of[pos]] = index[pos]
+        if spec.kind not in arrays:
+            arrays[spec.kind] = {"str": lambda: e.lift_s, "int": lambda: pa.array(e.lift_i),
+                                 "float": lambda: pa.array(e.lift_f)}[spec.kind]()
+        col = arrays[spec.kind].take(pa.array(sel, mask=sel < 0))
+        lifted.append(col.cast(typ) if col.type != typ else col)
     if len(index):
-        gen_ai = np.bincount(item_of[gen_flat[index]], minlength=n) > 0
+        gen_ai = np.bincount(item_of[e.gen_ai[index]], minlength=n) > 0
+        truncated = int(e.trunc[index].sum())
     else:
         gen_ai = np.zeros(n, dtype=bool)
-    return AttrColumns(json_col, lifted, gen_ai)
+        truncated = 0
+    return AttrColumns(json_col, lifted, gen_ai, truncated)
 
 
-def _dedupe_json(entries: list[tuple], index: np.ndarray, offsets: np.ndarray, json_col: pa.Array,
+def _dedupe_json(e: Entries, index: np.ndarray, offsets: np.ndarray, json_col: pa.Array,
                  item_of: np.ndarray, combined: np.ndarray) -> pa.Array:
     """Rebuild the JSON of items that repeat a key (last value wins, as in a dict)."""
     _, first, counts = np.unique(combined, return_index=True, return_counts=True)
     dup_items = np.unique(item_of[first[counts > 1]])
     out = json_col.to_pylist()
     idx = index.tolist()
+    frags = e.frag
     for it in dup_items.tolist():
-        parts: dict[str, str] = {}
+        parts: dict[int, str] = {}
         for p in range(int(offsets[it]), int(offsets[it + 1])):
-            e = entries[idx[p]]
-            parts.pop(e[5], None)
-            parts[e[5]] = e[0]
+            u = idx[p]
+            k = int(e.key_id[u])
+            parts.pop(k, None)
+            parts[k] = frags[u].as_py()
         out[it] = "{" + ",".join(parts.values()) + "}"
     return pa.array(out, pa.string())
 

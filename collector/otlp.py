@@ -229,13 +229,13 @@ class Attrs:
         self.flat: list[Any] = []
         self.counts: list[int] = []
 
-    def columns(self, lifter: A.Lifter, limit: int) -> tuple[A.AttrColumns, int]:
+    def columns(self, lifter: A.Lifter, limit: int) -> A.AttrColumns:
         if self.raw:
-            entries, index, truncated = lifter.pb_entries(self.flat, limit, _KV)
-        else:
-            entries, index = lifter.py_entries(self.flat)
-            truncated = 0
-        return A.columns(lifter, entries, index, self.counts), truncated
+            entries, index = lifter.pb_entries(self.flat, limit, _KV)
+        else:  # OTLP/JSON: values were decoded (and cut) by the walker
+            entries = lifter.py_entries(self.flat)
+            index = np.arange(len(self.flat), dtype=np.int64)
+        return A.columns(lifter, entries, index, self.counts)
 
 
 def _ns(values: list[int]) -> np.ndarray:
@@ -326,7 +326,7 @@ class SpanBatch:
         scodes = np.array(self.scodes, dtype=np.int64)
         status_names = _STATUS_NAMES[np.where((scodes >= 0) & (scodes <= 2), scodes, 0)]
         res_idx = np.array(self.res_idx, dtype=np.int64)
-        ac, truncated = self.attrs.columns(SPAN_LIFTER, limit)
+        ac = self.attrs.columns(SPAN_LIFTER, limit)
 
         cols: dict[str, pa.Array] = {
             "trace_id": tid_hex,
@@ -358,7 +358,7 @@ class SpanBatch:
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors
-        out.truncated_values = truncated + self.trunc.n
+        out.truncated_values = ac.truncated + self.trunc.n
 
         if self.ev_span:
             ev_span = np.array(self.ev_span, dtype=np.int64)
@@ -367,8 +367,8 @@ class SpanBatch:
             dropped = int(np.count_nonzero(keep[ev_span] & ~ev_ok))
             if dropped:
                 out.errors.append(f"{dropped} span event(s) dropped: time missing or outside 1970-01-02..2200-01-01")
-            eac, etr = self.ev_attrs.columns(PLAIN_LIFTER, limit)
-            out.truncated_values += etr
+            eac = self.ev_attrs.columns(PLAIN_LIFTER, limit)
+            out.truncated_values += eac.truncated
             idx = pa.array(ev_span)
             ev = pa.table({
                 "trace_id": tid_hex.take(idx),
@@ -385,8 +385,8 @@ class SpanBatch:
             dropped = int(np.count_nonzero(keep[ln_span] & ~ln_ok))
             if dropped:
                 out.errors.append(f"{dropped} span link(s) dropped: linked trace_id/span_id must be 16/8 bytes and not all zero")
-            lac, ltr = self.ln_attrs.columns(PLAIN_LIFTER, limit)
-            out.truncated_values += ltr
+            lac = self.ln_attrs.columns(PLAIN_LIFTER, limit)
+            out.truncated_values += lac.truncated
             idx = pa.array(ln_span)
             ln = pa.table({
                 "trace_id": tid_hex.take(idx),
@@ -499,7 +499,7 @@ class LogBatch:
                 "span_id must be empty or 8 bytes, not all zero")
         keep = r.keep
         assert keep is not None
-        ac, truncated = self.attrs.columns(LOG_LIFTER, limit)
+        ac = self.attrs.columns(LOG_LIFTER, limit)
         lifted = dict(zip(LOG_LIFTER.names, ac.lifted))
         ev_attr = lifted.pop("event_name")
         ev_field = pa.array(self.event_names, pa.string())
@@ -525,7 +525,7 @@ class LogBatch:
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors
-        out.truncated_values = truncated + self.trunc.n
+        out.truncated_values = ac.truncated + self.trunc.n
         return out
 
 
@@ -612,7 +612,7 @@ class MetricBatch:
         r.check(np.fromiter((bool(x) for x in self.names), dtype=bool, count=n), "metric name is empty")
         keep = r.keep
         assert keep is not None
-        ac, truncated = self.attrs.columns(METRIC_LIFTER, limit)
+        ac = self.attrs.columns(METRIC_LIFTER, limit)
         json_col = ac.json
         if any(e is not None for e in self.extras):
             texts = json_col.to_pylist()
@@ -645,7 +645,7 @@ class MetricBatch:
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors
-        out.truncated_values = truncated + self.trunc.n
+        out.truncated_values = ac.truncated + self.trunc.n
         return out
 
 

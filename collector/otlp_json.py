@@ -368,3 +368,35 @@ def _signed(count: int, what: str) -> int:
     if count >= 1 << 63:
         raise BadPayload(f"{what}.count out of range: {count}")
     return count
+
+
+# ------------------------------------------------------------------- encoding
+
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def to_otlp_json(message: Any) -> dict[str, Any]:
+    """OTLP/JSON for a stock ``Export*ServiceRequest``: ids as hex, not base64.
+
+    For tests, benchmarks and debugging (the server only decodes).
+    """
+    import base64
+
+    from google.protobuf import json_format
+
+    doc = json_format.MessageToDict(message)
+
+    def fix(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _ID_FIELDS and isinstance(v, str):
+                    node[k] = base64.b64decode(v).hex()
+                else:
+                    fix(v)
+        elif isinstance(node, list):
+            for v in node:
+                fix(v)
+
+    fix(doc)
+    return doc
