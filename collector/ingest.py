@@ -82,9 +82,9 @@ class Ingest:
         self.capacity: int = int(config.queue_max_spans)
         self.flush_interval: float = int(config.flush_interval_ms) / 1000.0
         self.retry_after: str = str(int(config.retry_after_s))
-        # Commit at once when this many items are gathered, without waiting out
-        # the flush interval: a bigger group would only make senders wait longer.
-        self.group_target: int = max(1, self.capacity // 4)
+        # Commit at once when half the queue is gathered, without waiting out the
+        # flush interval: senders keep filling the other half during the commit.
+        self.group_target: int = max(1, self.capacity // 2)
         self.metrics = metrics if metrics is not None else SelfMetrics()
         self.decoder = DecodePool(config)
         self._cond = threading.Condition()
