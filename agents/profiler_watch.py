@@ -178,6 +178,8 @@ class ProfilerWatcher:
             self._save_state()
             return 0
         seen.attempts += 1
+        if result.verdict == "auth" and seen.attempts == 1:
+            log.error("server refused the agent's token uploading %s (HTTP %s): check --token", path, result.status)
         delay = result.retry_after if result.retry_after is not None else min(60.0, self.interval * 2 ** min(seen.attempts, 6))
         seen.next_try = time.monotonic() + delay
         if seen.attempts == 1:

@@ -8,9 +8,12 @@ batches what arrived, encodes it as OTLP protobuf, writes it to the
 - 2xx: the payload is removed (only now);
 - connection errors, 408, 429, 5xx: kept; retried after ``Retry-After`` when
   the server sent one, else after an exponential backoff with full jitter;
-- any other 4xx (400 bad payload, 401 token, 413 too large): the server will
-  never take it, so it is a poison payload: logged once per status and
-  dropped, counted.
+- 401/403: the token is wrong, not the payload: kept and retried at the
+  longest backoff, with one loud message (dropping everything because of a
+  configuration mistake would lose data that a fixed token would deliver);
+- any other 4xx (400 bad payload, 413 too large, 404 wrong URL path): the
+  server will never take it, so it is a poison payload: logged once per
+  status and dropped, counted.
 
 The counters go out as the agent's own metrics ``tailscope.agent.spool.*``
 with the next batch.
@@ -38,14 +41,17 @@ log = logging.getLogger("tailscope.agent.sender")
 __all__ = ["ItemQueue", "Sender", "classify", "retry_after_seconds", "upload_profiler_trace", "UploadResult"]
 
 RETRYABLE = frozenset({408, 429})
+AUTH = frozenset({401, 403})
 
 
 def classify(status: int) -> str:
-    """``ok`` (2xx), ``retry`` (408, 429, 5xx) or ``poison`` (any other status)."""
+    """``ok`` (2xx), ``retry`` (408, 429, 5xx), ``auth`` (401, 403) or ``poison`` (any other status)."""
     if 200 <= status < 300:
         return "ok"
     if status in RETRYABLE or status >= 500:
         return "retry"
+    if status in AUTH:
+        return "auth"
     return "poison"
 
 
@@ -143,6 +149,7 @@ class Sender:
         self._next_try = 0.0  # monotonic time of the next send attempt
         self._outage_since: float | None = None
         self._poison_logged: set[int] = set()
+        self._auth_logged = False
         self._stop = threading.Event()
         self._flush_now = threading.Event()
         self._deadline = float("inf")
@@ -223,12 +230,21 @@ class Sender:
             self.counters.sent_payloads += 1
             self.counters.sent_bytes += item.size
             self._attempt = 0
+            self._auth_logged = False
             if self._outage_since is not None:
                 log.warning("server %s reachable again after %.1f s; draining %d spooled payloads",
                             self.server, time.monotonic() - self._outage_since, len(self.spool))
                 self._outage_since = None
         elif verdict == "retry":
             self._failed(f"HTTP {resp.status_code}", retry_after_seconds(resp.headers.get("Retry-After")))
+        elif verdict == "auth":
+            if not self._auth_logged:
+                self._auth_logged = True
+                log.error("server %s refused the agent's token (HTTP %d): check --token / TAILSCOPE_TOKEN; "
+                          "payloads stay in the spool and are retried every %.0f s", self.server, resp.status_code,
+                          self.backoff_max)
+            self._failed(f"HTTP {resp.status_code}", self.backoff_max)
+            return "retry"
         else:
             self.spool.remove(item)
             self.counters.poison_payloads += 1
@@ -332,7 +348,7 @@ class Sender:
 
 @dataclass(frozen=True)
 class UploadResult:
-    verdict: str  # ok | retry | poison
+    verdict: str  # ok | retry | auth | poison
     status: int | None
     detail: str
     retry_after: float | None = None

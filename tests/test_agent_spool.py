@@ -84,7 +84,8 @@ def test_drop_counters_go_out_as_agent_metrics(tmp_path):
 def test_status_classification_and_retry_after():
     assert classify(200) == "ok" and classify(204) == "ok"
     assert classify(429) == classify(503) == classify(500) == classify(408) == "retry"
-    assert classify(400) == classify(401) == classify(413) == classify(404) == "poison"
+    assert classify(400) == classify(413) == classify(404) == "poison"
+    assert classify(401) == classify(403) == "auth"
     assert retry_after_seconds("3") == 3.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: retry now
@@ -207,3 +208,18 @@ def test_stop_spools_what_is_in_memory_for_the_next_run(tmp_path):
         queue.submit(MetricPoint.make("tailscope.gpu.power", float(i), time.time_ns(), {"gpu.index": 0}, RES))
     sender.stop(0.2)
     assert len(Spool(tmp_path / "spool")) >= 1  # nothing lost: it waits on disk for the next run
+
+
+def test_wrong_token_keeps_payloads_until_the_token_is_fixed(make_server, tmp_path):
+    srv = make_server(tokens="right-token")
+    spool = Spool(tmp_path / "spool")
+    sender = Sender(srv.url, "wrong-token", spool, ItemQueue(10), RES, backoff_max=0.2)
+    point = MetricPoint.make("tailscope.gpu.temperature", 55, time.time_ns(), {"gpu.index": 5}, RES)
+    spool.put("metrics", encode_metrics([point]))
+    assert sender.drain(budget_s=5) == 0
+    assert len(spool) == 1 and sender.counters.poison_payloads == 0  # kept, not dropped
+    sender.token = "right-token"
+    assert wait_for(lambda: sender.drain(budget_s=5) == 1 or not len(spool), timeout=5)
+    assert len(spool) == 0
+    assert srv.sql("SELECT value FROM metrics WHERE gpu_index = 5") == [(55.0,)]
+    sender.client.close()
