@@ -13,7 +13,7 @@ import pytest
 
 from collector.store import Store, StoreError
 from tailscope import cli
-from tailscope.config import SETTINGS, ConfigError, load, parse_slo
+from tailscope.config import SETTINGS, ConfigError, load, markdown_table, parse_slo
 
 
 def test_precedence_flag_over_env_over_default():
@@ -42,6 +42,7 @@ def test_slo_parsing():
 
 def test_every_setting_is_documented():
     text = open(cli.__file__.replace("tailscope/cli.py", "docs/configuration.md")).read()
+    assert text.strip() == markdown_table().strip(), "regenerate: tailscope config > docs/configuration.md"
     for s in SETTINGS:
         assert s.env in text and s.flag in text, f"{s.name} missing from docs/configuration.md"
 
