@@ -114,9 +114,14 @@ def test_busy_time_agrees_with_holistic_trace_analysis(shared_data, name):
         hta = hta_figures(path)
     except Exception as exc:  # noqa: BLE001 - HTA's own parsing limits are not our failure
         pytest.skip(f"HTA cannot read {name}: {type(exc).__name__}: {exc}")
-    ours = summarize(path, exclude_last_step=True)["gpu"]
+    summary = summarize(path, exclude_last_step=True)
+    ours = summary["gpu"]
     assert ours["busy_us"] == pytest.approx(hta["busy_us"], rel=HTA_FILES[name])
     assert ours["busy_ratio"] == pytest.approx(hta["busy_ratio"], abs=0.02)
+    # the same top kernels, with the same total times (HTA truncates fractional µs per event)
+    ours_top = {k["name"]: k["total_us"] for k in summary["top_kernels"]}
+    for k in hta["top_kernels"]:
+        assert ours_top.get(k["name"]) == pytest.approx(k["total_us"], rel=0.02), k["name"][:80]
 
 
 def test_trace_names():
