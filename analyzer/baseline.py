@@ -91,7 +91,8 @@ def class_baselines(
         )
         selects.append(
             f"""SELECT '{name}' AS level, {pad}, count(*) AS n,
-                quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms, {comps}
+                quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms,
+                regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b, {comps}
             FROM ref_rows GROUP BY {cols}"""
         )
     kids_cte = f"kids AS ({stage_sums_sql('ref_req')})," if components else ""
@@ -108,7 +109,7 @@ def class_baselines(
     ),
     {kids_cte}
     ref_rows AS (
-        SELECT r.service, coalesce(r.model, '') AS model, r.ib, r.ob, r.ob // 2 AS ob2, r.latency_ms{comp_cols}
+        SELECT r.service, coalesce(r.model, '') AS model, r.ib, r.ob, r.ob // 2 AS ob2, r.output_tokens, r.latency_ms{comp_cols}
         FROM ref_req r {kids_join}
     )
     {' UNION ALL '.join(selects)}
@@ -116,24 +117,54 @@ def class_baselines(
     return con.sql(sql, params=[ref.start, ref.end, *svc_params, *ex_params]).to_arrow_table()
 
 
-def class_join(classes_name: str, row: str = "r") -> tuple[str, Any]:
-    """LEFT JOINs of a row relation onto every class level, and a picker of the finest level's column."""
-    joins, picks = [], []
+@dataclass(frozen=True)
+class Expectation:
+    """SQL expressions for a row's expected latency, spread and component scale."""
+
+    joins: str
+    expected: str
+    spread: str
+    scale: str
+    level: str
+    n: str
+    pick: Any
+
+    def threshold(self) -> str:
+        """Latency above which a request is slow for its class (before the SLO)."""
+        return f"({self.expected} + {SLOW_SPREADS} * {self.spread})"
+
+
+def expectation(classes_name: str, row: str = "r") -> Expectation:
+    """Join a row relation (service, model, ib, ob, ob2, output_tokens) onto its class baselines.
+
+    The finest level with at least MIN_CLASS requests wins. When no
+    length-aware level has enough (the sparse tail of very long outputs),
+    the expectation comes from the service/model's latency-vs-output-tokens
+    line, so a long request that took the usual time *for its length* is
+    not flagged; its spread is the service's relative spread.
+    """
+    joins = []
     for name, keys in _LEVELS:
         cond = " AND ".join(f"{name}.{k} IS NOT DISTINCT FROM {row}.{k}" for k in keys)
         joins.append(f"LEFT JOIN (SELECT * FROM {classes_name} WHERE level = '{name}' AND n >= {MIN_CLASS}) {name} ON {cond}")
-        picks.append(name)
+    names = [n for n, _ in _LEVELS]
+    length_aware = names[:3]
 
-    def pick(col: str) -> str:
-        return "coalesce(" + ", ".join(f"{p}.{col}" for p in picks) + ")"
+    def pick(col: str, among: list[str] = names) -> str:
+        return "coalesce(" + ", ".join(f"{p}.{col}" for p in among) + ")"
 
-    return " ".join(joins), pick
-
-
-def slow_threshold_sql(pick: Any) -> str:
-    """Latency above which a request is slow for its class (before the SLO)."""
-    spread = f"greatest({pick('p90_ms')} - {pick('p50_ms')}, 0.1 * {pick('p50_ms')}, 1.0)"
-    return f"({pick('p50_ms')} + {SLOW_SPREADS} * {spread})"
+    coarse = "coalesce(l1.p50_ms, l0.p50_ms)"
+    fit = (f"CASE WHEN l1.reg_b > 0 AND {row}.output_tokens IS NOT NULL "
+           f"THEN greatest(l1.reg_a + l1.reg_b * {row}.output_tokens, 0.25 * l1.p50_ms) END")
+    matched = f"{pick('n', length_aware)} IS NOT NULL"
+    expected = f"CASE WHEN {matched} THEN {pick('p50_ms', length_aware)} ELSE coalesce({fit}, {coarse}) END"
+    rel = f"(coalesce(l1.p90_ms, l0.p90_ms) / nullif({coarse}, 0) - 1.0)"
+    spread = (f"CASE WHEN {matched} THEN greatest({pick('p90_ms', length_aware)} - {pick('p50_ms', length_aware)}, "
+              f"0.1 * {pick('p50_ms', length_aware)}, 1.0) "
+              f"ELSE greatest(({expected}) * {rel}, 0.1 * ({expected}), 1.0) END")
+    scale = f"CASE WHEN {matched} THEN 1.0 ELSE ({expected}) / nullif({coarse}, 0) END"
+    level = "CASE " + " ".join(f"WHEN {p}.n IS NOT NULL THEN '{p}'" for p in names) + " END"
+    return Expectation(" ".join(joins), expected, spread, scale, level, pick("n"), pick)
 
 
 def slow_candidates(
@@ -160,11 +191,8 @@ def slow_candidates(
     for k, v in slo.items():
         slo_params += [k, float(v)]
     slo_expr = f"CASE r.service {slo_sql} ELSE NULL END" if slo else "NULL::DOUBLE"
-    join_sql, pick = class_join(classes_name)
-    picks = [name for name, _ in _LEVELS]
-    level = "CASE " + " ".join(f"WHEN {p}.n IS NOT NULL THEN '{p}'" for p in picks) + " END"
-    spread = f"greatest({pick('p90_ms')} - {pick('p50_ms')}, 0.1 * {pick('p50_ms')}, 1.0)"
-    exp_comps = ", ".join(f"{pick(c + '_ms')} AS exp_{c}_ms" for c in COMPONENTS)
+    x = expectation(classes_name)
+    exp_comps = ", ".join(f"{x.pick(c + '_ms')} * {x.scale} AS exp_{c}_ms" for c in COMPONENTS)
     slow_sql = (
         "trace_id = ?"
         if trace_id is not None
@@ -179,10 +207,10 @@ def slow_candidates(
         WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql} AND {rg_sql}
     ),
     j AS (
-        SELECT r.*, {pick('p50_ms')} AS expected_ms, {spread} AS spread_ms, {level} AS class_level,
-            {pick('n')} AS class_n, {slo_expr} AS slo_ms, {exp_comps}
+        SELECT r.*, {x.expected} AS expected_ms, {x.spread} AS spread_ms, {x.level} AS class_level,
+            {x.n} AS class_n, {slo_expr} AS slo_ms, {exp_comps}
         FROM (SELECT * REPLACE (model_key AS model) FROM r) r
-        {join_sql}
+        {x.joins}
     )
     SELECT *, latency_ms - expected_ms AS excess_ms, epoch(start_time) AS t0, epoch(end_time) AS t1
     FROM j

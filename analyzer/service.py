@@ -25,7 +25,7 @@ import numpy as np
 
 from analyzer import recommend
 from analyzer.attribute import attribute
-from analyzer.baseline import Span, class_baselines, class_join, slow_candidates, slow_threshold_sql
+from analyzer.baseline import Span, class_baselines, expectation, slow_candidates
 from analyzer.contrast import contrast
 from analyzer.detect import DAY_S, detect
 from analyzer.evidence import Evidence, gather
@@ -205,7 +205,7 @@ class Analyzer:
         classes = class_baselines(con, [service] if service else None, Span(lead, rng[1]), (), components=False)
         con.register("_sclasses", classes)
         try:
-            join_sql, pick = class_join("_sclasses")
+            x = expectation("_sclasses")
             slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
             slo_params: list[Any] = []
             for k, v in self.slo.items():
@@ -215,14 +215,14 @@ class Analyzer:
                 f"""WITH r AS (
                         SELECT service_name AS service, coalesce(model, '') AS model,
                             {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
-                            {length_bucket('output_tokens')} // 2 AS ob2, {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
+                            {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
                         FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
                           AND service_name IS NOT NULL
                     )
                     SELECT r.service, r.w, count(*) AS n, quantile_cont(r.latency_ms, 0.99) AS p99,
-                        count(*) FILTER (WHERE r.latency_ms > {slow_threshold_sql(pick)}
+                        count(*) FILTER (WHERE r.latency_ms > {x.threshold()}
                                          OR r.latency_ms > {slo_expr}) AS slow
-                    FROM r {join_sql}
+                    FROM r {x.joins}
                     GROUP BY ALL ORDER BY 1, 2""",
                 params + slo_params,
             ).fetchall()
@@ -491,7 +491,7 @@ class Analyzer:
         ref = Span(a - REFERENCE_BEFORE, b + REFERENCE_AFTER)
         spikes = self._spikes(con, service, (ref.start, ref.end))
         exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
-        results, _ = self._explain(con, [service], None, Span(a, a + timedelta(microseconds=1)), ref, exclude,
+        results, _ = self._explain(con, [service], None, Span(a - timedelta(milliseconds=1), a + timedelta(milliseconds=1)), ref, exclude,
                                    trace_id=req["trace_id"])
         mine = [r for r in results if r["span_id"] == req["span_id"]]
         return mine[0] if mine else None
