@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_positive, default=None, help="exit after this many seconds (default: run until stopped)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     # Benchmarks only: a pynvml look-alike by dotted name (tests.fake_nvml); not for production.
-    parser.add_argument("--nvml-module", default=os.environ.get("TAILSCOPE_AGENT_NVML_MODULE"), help=argparse.SUPPRESS)
+    parser.add_argument("--nvml-module", default=None, help=argparse.SUPPRESS)
 
 
 def options_from_args(args: argparse.Namespace) -> Any:

@@ -111,6 +111,7 @@ class Counters:
     sent_bytes: int = 0
     poison_payloads: int = 0
     failures: int = 0
+    spool_errors: int = 0  # payloads lost because the spool could not be written (disk full, permissions)
 
 
 class Sender:
@@ -173,6 +174,7 @@ class Sender:
             "spool_full": self.spool.dropped_payloads,
             "poison": self.counters.poison_payloads,
             "queue_full": self.items.dropped,
+            "spool_error": self.counters.spool_errors,
         }
         pts = [MetricPoint.make("tailscope.agent.spool.dropped", n, now_ns, {"reason": reason}, r, kind="sum",
                                 monotonic=True, start_time_unix_nano=s, unit="{payload}" if reason != "queue_full" else "{item}")
@@ -192,9 +194,19 @@ class Sender:
         if metrics:
             metrics.extend(self.own_metrics(time.time_ns()))
         for start in range(0, len(metrics), self.batch_max):
-            self.spool.put("metrics", encode_metrics(metrics[start:start + self.batch_max]))
+            self._put("metrics", encode_metrics(metrics[start:start + self.batch_max]))
         for start in range(0, len(logs), self.batch_max):
-            self.spool.put("logs", encode_logs(logs[start:start + self.batch_max]))
+            self._put("logs", encode_logs(logs[start:start + self.batch_max]))
+
+    def _put(self, kind: str, payload: bytes) -> None:
+        try:
+            self.spool.put(kind, payload)
+        except OSError as exc:  # disk full, permissions: count it, say it, keep the agent alive
+            self.counters.spool_errors += 1
+            if self.counters.spool_errors == 1 or self.counters.spool_errors % 100 == 0:
+                log.error("cannot write to the spool %s (%s); %d payload(s) lost so far "
+                          "(tailscope.agent.spool.dropped{reason=spool_error})", self.spool.dir, exc,
+                          self.counters.spool_errors)
 
     def _gather(self, timeout: float) -> None:
         try:

@@ -76,6 +76,7 @@ def test_drop_counters_go_out_as_agent_metrics(tmp_path):
     assert pts[("tailscope.agent.spool.dropped", "spool_full")].monotonic
     assert pts[("tailscope.agent.spool.dropped", "queue_full")].value == 1
     assert pts[("tailscope.agent.spool.dropped", "poison")].value == 0
+    assert pts[("tailscope.agent.spool.dropped", "spool_error")].value == 0
     assert pts[("tailscope.agent.spool.bytes", None)].value == 800
     assert pts[("tailscope.agent.spool.sent", None)].value == 0
     sender.client.close()
@@ -222,4 +223,18 @@ def test_wrong_token_keeps_payloads_until_the_token_is_fixed(make_server, tmp_pa
     assert wait_for(lambda: sender.drain(budget_s=5) == 1 or not len(spool), timeout=5)
     assert len(spool) == 0
     assert srv.sql("SELECT value FROM metrics WHERE gpu_index = 5") == [(55.0,)]
+    sender.client.close()
+
+
+def test_an_unwritable_spool_is_counted_not_fatal(tmp_path, caplog):
+    spool = Spool(tmp_path / "spool")
+    queue = ItemQueue(10)
+    sender = Sender("http://127.0.0.1:9", None, spool, queue, RES)
+    spool.dir = tmp_path / "gone" / "spool"  # the directory vanished (unmounted, deleted)
+    queue.submit(MetricPoint.make("tailscope.gpu.power", 1.0, time.time_ns(), {"gpu.index": 0}, RES))
+    sender._gather(0.1)
+    with caplog.at_level("ERROR"):
+        sender._spool_pending()
+    assert sender.counters.spool_errors == 1
+    assert any("cannot write to the spool" in r.message for r in caplog.records)
     sender.client.close()
