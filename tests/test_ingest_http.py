@@ -18,6 +18,14 @@ from ingest_payloads import logs_request, metrics_request, request_spans
 PB = {"content-type": "application/x-protobuf"}
 
 
+def assert_json_valid(srv) -> None:
+    """Stored JSON columns parse (ingest hands them to DuckDB as arrow.json, which DuckDB does not re-check)."""
+    for table, cols in (("spans", ("attributes", "resource_attributes")), ("metrics", ("attributes", "resource_attributes")),
+                        ("logs", ("attributes", "resource_attributes")), ("span_events", ("attributes",)), ("span_links", ("attributes",))):
+        bad = " OR ".join(f"({c} IS NOT NULL AND NOT json_valid({c}))" for c in cols)
+        assert srv.sql(f"SELECT count(*) FROM {table} WHERE {bad}") == [(0,)], table
+
+
 def test_stock_otel_sdk_http_exporter_spans_are_stored(make_server):
     """The unmodified opentelemetry-sdk + OTLP/HTTP exporter, as any user would configure it."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -56,6 +64,7 @@ def test_stock_otel_sdk_http_exporter_spans_are_stored(make_server):
         assert re.fullmatch(r"[0-9a-f]{32}", r[1])
         assert r[2:8] == ("chat-api", "replica-7", "node-b", "request", "llama-3-8b", tokens)
         assert r[9] == f"v{tokens - 10}"
+    assert_json_valid(srv)
     children = srv.sql("SELECT count(*) FROM spans s JOIN spans p ON s.parent_span_id = p.span_id WHERE s.role = 'prefill'")
     assert children == [(150,)]
     # Bookkeeping: one ingest_batches row per accepted request, items add up.
@@ -84,6 +93,7 @@ def test_protobuf_response_and_all_three_signals(make_server):
     assert srv.sql("SELECT count(*) FROM logs WHERE event_name = 'tailscope.kv.eviction' AND kv_reason = 'capacity'") == [(2,)]
     stored = {r[0] for r in srv.sql("SELECT span_id FROM spans")}
     assert stored == set(ids)
+    assert_json_valid(srv)
 
 
 def test_gzip_protobuf_is_accepted(make_server):
@@ -110,6 +120,7 @@ def test_otlp_json_examples_from_the_spec_repo(make_server, shared_data: Path):
     assert rows == [(span["traceId"].lower(), span["spanId"].lower(), span["parentSpanId"].lower())]
     assert srv.sql("SELECT count(*) FROM logs")[0][0] >= 1
     assert srv.sql("SELECT count(DISTINCT name) FROM metrics")[0][0] >= 3
+    assert_json_valid(srv)
 
 
 def test_partial_success_reports_rejected_spans(make_server):
