@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -104,10 +105,19 @@ def _num(v: Any) -> float | None:
 
 
 def _region(name: str) -> str | None:
+    """The compile region an event belongs to: the exact name or ``name: detail``
+    (``Torch-Compiled Region: 0/1``); ``CompiledFunctionBackward`` counts as ``CompiledFunction``.
+    The ``*_data: ...`` annotations and ``... (dynamo_timed)`` twins that torch also
+    writes are not separate regions (they would double the counts)."""
     for r in COMPILE_REGIONS:
-        if name == r or name.startswith(r + ":") or name.startswith(r + " ") or (r != "dynamo" and name.startswith(r)):
+        if name == r or name.startswith(r + ":"):
             return r
+    if name.startswith("CompiledFunction") and not name.endswith(")"):
+        return "CompiledFunction"
     return None
+
+
+_COMPILE_ID = re.compile(r"compile_id=([0-9/\[\]_-]+)")
 
 
 def _launched_before_last_step(events: list[Any]) -> set[Any] | None:
@@ -160,6 +170,8 @@ def summarize(trace: dict[str, Any] | str | os.PathLike[str], exclude_last_step:
     regions: dict[str, list[float]] = defaultdict(list)
     compile_intervals: list[tuple[float, float]] = []
     compiling_intervals: list[tuple[float, float]] = []
+    dynamo_events: list[tuple[float, float]] = []  # one per compile in the window
+    compile_ids: list[tuple[float, str]] = []  # (ts, id) from "dynamo_data: compile_id=0/1"
     skipped = 0
 
     for e in events:
@@ -214,7 +226,13 @@ def summarize(trace: dict[str, Any] | str | os.PathLike[str], exclude_last_step:
                 if corr is not None:
                     runtime_end_by_corr[corr] = end
             continue
+        if name.startswith("dynamo_data"):
+            m = _COMPILE_ID.search(name)
+            if m:
+                compile_ids.append((ts, m.group(1)))
         region = _region(name)
+        if region == "dynamo":
+            dynamo_events.append((ts, dur))
         if region is not None:
             regions[region].append(dur)
             compile_intervals.append((ts, end))
@@ -244,6 +262,11 @@ def summarize(trace: dict[str, Any] | str | os.PathLike[str], exclude_last_step:
             "first_us": round(base_us + first, 3),
             "last_us": round(base_us + last, 3),
         })
+
+    compiles = []
+    for ts, dur in sorted(dynamo_events):
+        cid = next((c for t, c in compile_ids if ts <= t <= ts + dur), None)
+        compiles.append({"compile_id": cid, "start_us": round(base_us + ts, 3), "dur_us": round(dur, 3)})
 
     delays = sorted(kernel_start_by_corr[c] - runtime_end_by_corr[c]
                     for c in kernel_start_by_corr.keys() & runtime_end_by_corr.keys())
@@ -289,5 +312,6 @@ def summarize(trace: dict[str, Any] | str | os.PathLike[str], exclude_last_step:
             "region_us": round(union_length(compile_intervals), 3),
             "compiling_us": round(union_length(compiling_intervals), 3),
             "regions": {r: {"count": len(d), "total_us": round(sum(d), 3)} for r, d in sorted(regions.items())},
+            "compiles": compiles,
         },
     }

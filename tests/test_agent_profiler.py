@@ -193,3 +193,45 @@ def test_upload_failure_is_retried_later(tmp_path):
     assert w.poll_once() == 0 and w.poll_once() == 0  # connection refused: kept for a retry, nothing recorded
     assert not (tmp_path / "state.json").exists()
     w.stop()
+
+
+@pytest.mark.slow
+def test_real_torch_profile_with_a_recompile(make_server, tmp_path):
+    """A real PyTorch (CPU) profile around a torch.compile recompile, picked up and summarised."""
+    torch = pytest.importorskip("torch")
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(16, 16)
+
+    def forward(x):
+        return torch.relu(lin(x))
+
+    compiled = torch.compile(forward, backend="eager", dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randn(2, 4, 16))  # first compile, outside the profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            compiled(torch.randn(2, 4, 16))  # cached
+            t0 = time.perf_counter()
+            compiled(torch.randn(2, 5, 16))  # new length: recompile 0/1
+            stall_us = (time.perf_counter() - t0) * 1e6
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    prof.export_chrome_trace(str(traces / "replica.pt.trace.json"))
+    srv = make_server()
+    w = ProfilerWatcher([traces], srv.url, None, RES, tmp_path / "state.json", interval=0.1)
+    assert sum(w.poll_once() for _ in range(3)) == 1
+    w.stop()
+    (summary_text,) = srv.sql("SELECT summary FROM profiler_traces")[0]
+    s = json.loads(summary_text)
+    comp = s["compile"]
+    assert [c["compile_id"] for c in comp["compiles"]] == ["0/1"]
+    assert 0 < comp["compiles"][0]["dur_us"] <= stall_us  # the compile is inside the caller's stall
+    assert comp["compiling_us"] >= 0.5 * stall_us  # and most of it
+    assert comp["regions"]["Torch-Compiled Region"]["count"] == 2
+    assert comp["regions"]["TorchDynamo Cache Lookup"]["count"] == 2
+    assert s["gpu"]["devices"] == 0  # a CPU-only profile: no GPU activity, no made-up busy time
+    assert abs(s["trace_start_us"] / 1e6 - time.time()) < 600  # epoch from baseTimeNanoseconds
+    torch._dynamo.reset()
