@@ -52,6 +52,7 @@ def instrument(
     export_interval_s: float = 5.0,
     schedule_delay_s: float = 0.5,
     max_queue_size: int = 65536,
+    max_export_batch_size: int = 2048,
 ) -> Handle:
     """Start exporting this process's inference telemetry to a tailscope server.
 
@@ -67,6 +68,8 @@ def instrument(
         export_interval_s: how often the KV-usage gauge is exported.
         schedule_delay_s: the span / log batch delay.
         max_queue_size: spans held for export before the SDK starts dropping.
+        max_export_batch_size: spans per export request (an export starts
+            early once this many are queued).
 
     Raises:
         ValueError / TypeError: a bad argument, named in the message.
@@ -75,7 +78,7 @@ def instrument(
         export_interval_s=export_interval_s,
         schedule_delay_s=schedule_delay_s,
         max_queue_size=max_queue_size,
-        max_export_batch_size=min(2048, max_queue_size),
+        max_export_batch_size=max_export_batch_size,
     )
     res = build_resource(service, instance_id, host_name, resource)
     handle = Handle(Pipeline(endpoint, res, token, options))
