@@ -80,3 +80,4 @@ def format_report(report: dict[str, Any]) -> str:
         top = r["causes"][0]["cause"] if r["causes"] else "-"
         lines.append(f"slow {r['trace_id']} {r['service']} {r['start']} {r['latency_ms']:.0f} ms (+{r['excess_ms']:.0f}) {top}")
     return "\n".join(lines)
+
