@@ -177,11 +177,11 @@ class Sender:
             "spool_error": self.counters.spool_errors,
         }
         pts = [MetricPoint.make("tailscope.agent.spool.dropped", n, now_ns, {"reason": reason}, r, kind="sum",
-                                monotonic=True, start_time_unix_nano=s, unit="{payload}" if reason != "queue_full" else "{item}")
+                                monotonic=True, start_time_unix_nano=s, unit="1")
                for reason, n in dropped.items()]
         pts.append(MetricPoint.make("tailscope.agent.spool.bytes", self.spool.bytes, now_ns, {}, r, unit="By"))
         pts.append(MetricPoint.make("tailscope.agent.spool.sent", self.counters.sent_payloads, now_ns, {}, r, kind="sum",
-                                    monotonic=True, start_time_unix_nano=s, unit="{payload}"))
+                                    monotonic=True, start_time_unix_nano=s, unit="1"))
         return pts
 
     def _spool_pending(self) -> None:
