@@ -98,6 +98,12 @@ class Agent:
         self.sender = Sender(options.server, options.token, self.spool, self.queue, self.resource,
                              flush_interval=options.batch_interval)
         self.nvml = nvml
+        self._nvml_module: Any = None
+        if options.nvml_module and nvml is None and options.gpu:
+            try:
+                self._nvml_module = importlib.import_module(options.nvml_module)
+            except ImportError as exc:
+                raise ValueError(f"--nvml-module {options.nvml_module!r} cannot be imported: {exc}") from None
         self.sources: list[Any] = []
         self.active: dict[str, str] = {}
         self.off: dict[str, str] = {}
@@ -114,10 +120,7 @@ class Agent:
             self.off["gpu"] = self.off["xid"] = "turned off (--no-gpu)"
         else:
             if self.nvml is None:
-                module = None
-                if o.nvml_module:
-                    module = importlib.import_module(o.nvml_module)
-                self.nvml = NVML(module, report=self._report)
+                self.nvml = NVML(self._nvml_module, report=self._report)
             if self.nvml.available():
                 sampler = GpuSampler(self.nvml, self.resource, o.interval, submit=submit)
                 devices = sampler.devices()
