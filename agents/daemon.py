@@ -137,7 +137,7 @@ class Agent:
                 else:
                     self.off["gpu"] = self.off["xid"] = "NVML works but reports no GPUs"
             else:
-                why = self.nvml.unavailable_reason or "NVML unavailable"
+                why = (self.nvml.unavailable_reason or "NVML unavailable").split(". HINT")[0]  # hint printed once above
                 self.off["gpu"] = self.off["xid"] = why
         if o.profiler_dirs:
             state = self.spool_dir.parent / "profiler-uploaded.json"
