@@ -226,3 +226,17 @@ def test_metrics_encode_as_otlp_gauges():
     assert len(util.gauge.data_points) == 2
     assert util.gauge.data_points[0].as_double == pytest.approx(0.37)
     assert metrics["tailscope.gpu.memory.used"].gauge.data_points[0].as_int == 10 * 1024**3
+
+
+def test_real_pynvml_without_a_driver_reports_once():
+    """The real nvidia-ml-py binding on a machine without the driver (CI): one message with a hint."""
+    pytest.importorskip("pynvml")
+    messages: list[str] = []
+    nvml = NVML(report=messages.append)
+    if nvml.available():
+        nvml.shutdown()
+        pytest.skip("a real NVIDIA driver is present on this machine")
+    assert not nvml.available()
+    assert nvml.query("nvmlDeviceGetCount") is NA
+    assert GpuSampler(nvml, RES).sample() == []
+    assert len(messages) == 1 and "HINT" in messages[0]
