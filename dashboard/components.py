@@ -130,8 +130,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, class_name: 
     return html.Table([html.Thead(html.Tr([html.Th(h) for h in headers])), html.Tbody(body)], className=class_name)
 
 
-def evidence_view(evidence: Any) -> Any:
-    """Render a cause's evidence (rows that prove it) whatever shape the analyzer gives."""
+# Evidence columns that are bookkeeping, not proof (ids a person cannot use).
+_HIDDEN_EVIDENCE = {"span_id", "batch_span_id", "parent_span_id"}
+
+
+def evidence_view(evidence: Any, trace_href: Callable[[str], str] | None = None) -> Any:
+    """Render a cause's evidence (rows that prove it) whatever shape the analyzer gives.
+
+    Columns naming a trace become links to that request's page when
+    ``trace_href`` is given.
+    """
     if evidence is None or evidence == {} or evidence == []:
         return html.Span("no evidence recorded", className="ts-muted")
     if isinstance(evidence, str):
@@ -140,20 +148,29 @@ def evidence_view(evidence: Any) -> Any:
         items = []
         for key, value in evidence.items():
             items.append(html.Dt(str(key).replace("_", " ")))
-            items.append(html.Dd(evidence_view(value) if isinstance(value, (dict, list)) else _scalar(value)))
+            items.append(html.Dd(evidence_view(value, trace_href) if isinstance(value, (dict, list)) else _scalar(value)))
         return html.Dl(items, className="ts-evidence")
     if isinstance(evidence, list):
         if evidence and all(isinstance(e, dict) for e in evidence):
             keys: list[str] = []
             for e in evidence[:50]:
                 for k in e:
-                    if k not in keys:
+                    if k not in keys and k not in _HIDDEN_EVIDENCE:
                         keys.append(k)
-            rows = [[_scalar(e.get(k)) for k in keys] for e in evidence[:50]]
+            rows = [[_evidence_cell(k, e.get(k), trace_href) for k in keys] for e in evidence[:50]]
             more = [html.Div(f"… and {len(evidence) - 50} more", className="ts-muted")] if len(evidence) > 50 else []
-            return html.Div([table([k.replace("_", " ") for k in keys], rows, class_name="ts-table ts-small")] + more)
+            headers = [k.replace("_", " ") for k in keys]
+            return html.Div([table(headers, rows, class_name="ts-table ts-small ts-evidence-table")] + more, className="ts-scroll")
         return html.Span(", ".join(str(_scalar(e)) for e in evidence[:50]))
     return html.Span(_scalar(evidence))
+
+
+def _evidence_cell(key: str, value: Any, trace_href: Callable[[str], str] | None) -> Any:
+    if trace_href is not None and isinstance(value, str) and key.endswith("trace_id") and len(value) == 32:
+        return dcc.Link(value[:12] + "…", href=trace_href(value), className="ts-link request-link", title=value)
+    if key in ("reason", "compile_reason") and isinstance(value, str):
+        return html.Code(value, className="ts-reason")
+    return _scalar(value)
 
 
 def _scalar(value: Any) -> str:

@@ -178,21 +178,30 @@ def shape_distribution(store: "Store", start: dt.datetime, end: dt.datetime, ser
     )
 
 
-def input_length_histogram(store: "Store", start: dt.datetime, end: dt.datetime, service: str | None, bins: int = 60) -> list[dict[str, Any]]:
-    """Request count per input-length bin (bin width chosen from the range's maximum)."""
+BINS_PER_OCTAVE = 4
+
+
+def length_histograms(store: "Store", start: dt.datetime, end: dt.datetime, service: str | None) -> list[dict[str, Any]]:
+    """Requests per quarter-octave length bin, for input lengths and padded shapes alike.
+
+    Log-spaced bins because token lengths span three or four orders of
+    magnitude; bin ``k`` covers ``[2**(k/4), 2**((k+1)/4))`` tokens.
+    """
     params: list[Any] = [_naive(start), _naive(end)]
     svc = _service_clause(service, params)
-    where = f"{REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND input_tokens IS NOT NULL{svc}"
-    top = _rows(store, f"SELECT max(input_tokens) AS hi FROM spans WHERE {where}", list(params))
-    hi = top[0]["hi"] if top else None
-    if not hi:
-        return []
-    width = max(1, -(-int(hi) // bins))
     return _rows(
         store,
         f"""
-        SELECT (input_tokens // {width}) * {width} AS lo, {width} AS width, count(*) AS requests
-        FROM spans WHERE {where} GROUP BY 1 ORDER BY 1
+        WITH r AS (
+            SELECT input_tokens, shape_len FROM spans
+            WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ?{svc}
+        )
+        SELECT 'input' AS what, CAST(floor(log2(input_tokens) * {BINS_PER_OCTAVE}) AS INTEGER) AS k, count(*) AS requests
+        FROM r WHERE input_tokens > 0 GROUP BY ALL
+        UNION ALL
+        SELECT 'shape' AS what, CAST(floor(log2(shape_len) * {BINS_PER_OCTAVE}) AS INTEGER) AS k, count(*) AS requests
+        FROM r WHERE shape_len > 0 GROUP BY ALL
+        ORDER BY what, k
         """,
         params,
     )

@@ -83,9 +83,9 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class _Page:
     """A browser tab that records console errors and uncaught exceptions."""
 
-    def __init__(self, browser: Any) -> None:
-        self.context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
-        self.page = self.context.new_page()
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.page = context.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.problems: list[str] = []
         self.page.on("console", lambda m: self.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
@@ -98,12 +98,20 @@ class _Page:
         self.page.wait_for_timeout(300)
 
     def close(self) -> None:
-        self.context.close()
+        self.page.close()
+
+
+@pytest.fixture(scope="module")
+def context(browser: Any) -> Iterator[Any]:
+    """One browser profile for the module, so Dash's scripts are fetched once (HTTP cache)."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+    yield ctx
+    ctx.close()
 
 
 @pytest.fixture
-def tab(browser: Any) -> Iterator[_Page]:
-    p = _Page(browser)
+def tab(context: Any) -> Iterator[_Page]:
+    p = _Page(context)
     yield p
     p.close()
 

@@ -110,6 +110,24 @@ def window_search(sc: Scenario) -> str:
     return f"?start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
 
 
+# --- the scenario itself -----------------------------------------------------
+def test_scenario_arrived_through_otlp(filled: Any) -> None:
+    """Every span, point and record sent is stored, with the spike in it."""
+    running, sc = filled
+    cur = running.store.cursor()
+    rows = dict(cur.execute("SELECT role, count(*) FROM spans GROUP BY role").fetchall())
+    assert rows["request"] == sc.requests
+    assert rows["compile"] == sc.compiles >= 8
+    assert cur.execute("SELECT count(*) FROM metrics").fetchone()[0] == sc.metric_points
+    assert cur.execute("SELECT count(*) FROM logs WHERE event_name = 'tailscope.kv.eviction'").fetchone()[0] == sc.log_records
+    stalled = cur.execute(
+        "SELECT quantile_cont(duration_ms, 0.5) FROM spans WHERE role = 'request' AND trace_id IN (SELECT unnest(?))",
+        [sc.stalled_traces],
+    ).fetchone()[0]
+    normal = cur.execute("SELECT quantile_cont(duration_ms, 0.5) FROM spans WHERE role = 'request'").fetchone()[0]
+    assert stalled > normal + 800, (stalled, normal)
+
+
 # --- overview, incident, request -------------------------------------------
 def test_overview_shows_the_incident_and_its_cause(parts: dict[str, Any], filled: Any) -> None:
     _, sc = filled

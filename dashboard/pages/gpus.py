@@ -60,6 +60,8 @@ def gpu_figure(host: str, index: Any, name: str | None, series: dict[str, list[d
     line("tailscope.gpu.temperature", 5, "temperature", "#d62728")
     base_figure_layout(fig, title=f"{host} · GPU {index}" + (f" · {name}" if name else ""), height=620)
     fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=1)
+    for row in (2, 3, 4):  # from zero, so a clock dip or a power cap reads at its true size
+        fig.update_yaxes(rangemode="tozero", row=row, col=1)
     fig.update_layout(showlegend=False)
     for ann in fig.layout.annotations:
         ann.font.size = 11

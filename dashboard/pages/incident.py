@@ -50,6 +50,22 @@ def causes_figure(causes: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def _contrast_table(rows: list[dict[str, Any]]) -> Any:
+    """Dimension values over-represented among the slow requests, most lift first."""
+    body = [
+        [
+            str(r.get("dimension", "–")).replace("_", " "),
+            html.Code(str(r.get("value", "–"))),
+            f"{r.get('slow', '–')} ({fmt_pct(r.get('slow_share'))})",
+            f"{r.get('baseline', '–')} ({fmt_pct(r.get('baseline_share'))})",
+            f"{r['lift']:.1f}×" if isinstance(r.get("lift"), (int, float)) else "–",
+            f"{r['p_value']:.1e}" if isinstance(r.get("p_value"), (int, float)) else "–",
+        ]
+        for r in rows
+    ]
+    return table(["dimension", "value", "slow requests", "baseline requests", "lift", "p value"], body, empty="no dimension stands out among the slow requests")
+
+
 def _bucket_table(rec: Any) -> Any:
     """For a compile miss: the bucket sets the analyzer weighed (bounds, padding cost)."""
     options = rec.get("bucket_options") if isinstance(rec, dict) else None
@@ -90,7 +106,7 @@ def render(ctx: PageContext, incident_id: str) -> Any:
                     ),
                     html.Div([html.B("Recommendation: "), recommendation_text(c["recommendation"])], className="ts-rec") if recommendation_text(c.get("recommendation")) else None,
                     _bucket_table(c.get("recommendation")),
-                    html.Div([html.B("Evidence"), evidence_view(c.get("evidence"))], className="ts-evidence-block"),
+                    html.Div([html.B("Evidence"), evidence_view(c.get("evidence"), ctx.request_href)], className="ts-evidence-block"),
                 ],
                 className="ts-cause-block",
                 id=f"cause-{cause}",
@@ -135,7 +151,11 @@ def render(ctx: PageContext, incident_id: str) -> Any:
             context_graph,
             section("Causes", graph(causes_figure(causes), id="incident-causes") if causes else html.Div("no cause attributed", className="ts-empty"), *cause_blocks, id="causes"),
             section(f"Slow requests ({len(slow_rows)})", table(["trace", "start", "latency", "excess", "causes"], slow_rows, empty="no slow requests recorded"), id="incident-slow"),
-            section("Contrast: slow requests vs baseline", evidence_view(contrast) if contrast else html.Div("no contrast table", className="ts-empty"), id="contrast"),
+            section(
+                "Contrast: what the slow requests have in common (vs the service's other requests)",
+                _contrast_table(contrast),
+                id="contrast",
+            ),
         ]
     )
 

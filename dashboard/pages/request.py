@@ -123,7 +123,7 @@ def gpu_figure(samples: list[dict[str, Any]], origin: dt.datetime, end: dt.datet
         t = to_datetime(_first(s, "time", "t"))
         if t is None or s.get("value") is None:
             continue
-        by_name.setdefault(str(s.get("name", "")), []).append(((t - origin).total_seconds() * 1000, float(s["value"])))
+        by_name.setdefault(str(s.get("name", "")), []).append(((t - origin).total_seconds(), float(s["value"])))
     if not by_name:
         return empty_figure("no GPU samples for this request's GPU", 180)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -138,11 +138,11 @@ def gpu_figure(samples: list[dict[str, Any]], origin: dt.datetime, end: dt.datet
         label, color, dash, secondary = style[name]
         pts.sort()
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=label, mode="lines+markers", line={"color": color, "dash": dash}), secondary_y=secondary)
-    fig.add_vrect(x0=0, x1=(end - origin).total_seconds() * 1000, fillcolor="#4c78a8", opacity=0.12, line_width=0, annotation_text="request", annotation_position="top left", annotation_font_size=10)
+    fig.add_vrect(x0=0, x1=max((end - origin).total_seconds(), 0.5), fillcolor="#4c78a8", opacity=0.12, line_width=0, annotation_text="request", annotation_position="top left", annotation_font_size=10)
     base_figure_layout(fig, title="Its GPU around the request (shaded)", height=240)
     fig.update_yaxes(title_text="MHz", rangemode="tozero", secondary_y=False)
     fig.update_yaxes(title_text="util", tickformat=".0%", range=[0, 1.05], secondary_y=True, showgrid=False)
-    fig.update_xaxes(title_text="ms from the request's start")
+    fig.update_xaxes(title_text="seconds from the request's start")
     return fig
 
 
@@ -159,7 +159,7 @@ def render(ctx: PageContext, trace_id: str) -> Any:
     req = data.get("request") or {}
     spans = _list(data, "spans")
     if not req:
-        req = next((s for s in spans if s.get("role") == "request"), spans[0] if spans else {})
+        return _non_request(ctx, trace_id, spans)
     origin, req_end = _span_times(req)
     if origin is None:
         starts = [t for t in (_span_times(s)[0] for s in spans) if t is not None]
@@ -194,14 +194,14 @@ def render(ctx: PageContext, trace_id: str) -> Any:
             [
                 html.Span(cause_label(c.get("cause", "unknown")), className=f"ts-cause cause-{c.get('cause', 'unknown')}"),
                 html.Span(f" {fmt_pct(c.get('share'))} · {fmt_ms(c.get('excess_ms'))} excess", className="ts-muted"),
-                html.Div(evidence_view(c.get("evidence")), className="ts-evidence-block") if c.get("evidence") else None,
+                html.Div(evidence_view(c.get("evidence"), ctx.request_href), className="ts-evidence-block") if c.get("evidence") else None,
             ]
         )
         for c in causes
     ]
 
     compile_rows = [
-        [fmt_time(_first(c, "start", "start_time")), c.get("service_instance_id") or c.get("instance") or "–", c.get("compile_kind") or "–", c.get("compile_shape") or "–", fmt_ms(c.get("duration_ms")), html.Code(str(c.get("compile_reason") or "–")[:300])]
+        [fmt_time(_first(c, "start", "start_time")), c.get("service_instance_id") or c.get("instance") or req.get("service_instance_id") or "–", c.get("compile_kind") or "–", c.get("compile_shape") or "–", fmt_ms(c.get("duration_ms")), html.Code(str(c.get("compile_reason") or "–")[:300])]
         for c in compiles
     ]
     evict_rows = [
@@ -248,7 +248,7 @@ def render(ctx: PageContext, trace_id: str) -> Any:
                     _kv("latency", fmt_ms(latency)),
                     _kv("expected", fmt_ms(analysis.get("expected_ms"))),
                     _kv("excess", fmt_ms(analysis.get("excess_ms"))),
-                    _kv("input / output tokens", f"{req.get('input_tokens', '–')} / {req.get('output_tokens', '–')}"),
+                    _kv("input / output tokens", f"{_n(req.get('input_tokens'))} / {_n(req.get('output_tokens'))}"),
                     _kv("shape", str(_own(spans, req).get("shape_len") or "–")),
                 ],
                 className="ts-summary",
@@ -276,6 +276,30 @@ def render(ctx: PageContext, trace_id: str) -> Any:
                 ],
                 className="ts-grid2",
             ),
+        ]
+    )
+
+
+def _n(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def _non_request(ctx: PageContext, trace_id: str, spans: list[dict[str, Any]]) -> Any:
+    """A trace without a request span (a compile or batch span sent on its own): just its spans."""
+    starts = [t for t in (_span_times(s)[0] for s in spans) if t is not None]
+    origin = min(starts) if starts else dt.datetime.now(dt.timezone.utc)
+    first = spans[0] if spans else {}
+    return html.Div(
+        [
+            html.H2(["Trace ", html.Code(trace_id)], id="request-title"),
+            html.Div(
+                f"This trace has no request span: it holds {len(spans)} span(s) emitted on their own "
+                f"({', '.join(sorted({str(s.get('role') or s.get('name')) for s in spans}))}) on "
+                f"{first.get('service_instance_id') or first.get('service_name') or 'an unknown replica'}. "
+                "The requests it affected link to it from their own pages.",
+                className="ts-muted",
+            ),
+            section("Spans", graph(waterfall(spans, [], origin), id="request-waterfall") if spans else html.Div("no spans", className="ts-empty"), id="waterfall"),
         ]
     )
 

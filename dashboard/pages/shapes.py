@@ -9,6 +9,7 @@ edges shows how much padding the fix costs and how many shapes it leaves.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import plotly.graph_objects as go
@@ -48,44 +49,43 @@ def bucket_options(ctx: PageContext, start: Any, end: Any) -> tuple[list[dict[st
     return options, current
 
 
-def distribution_figure(shapes: list[dict[str, Any]], lengths: list[dict[str, Any]], buckets: list[int]) -> go.Figure:
+def distribution_figure(hist: list[dict[str, Any]], buckets: list[int]) -> go.Figure:
+    """Step histograms on a log length axis: real input lengths vs the padded shapes run."""
+    per = queries.BINS_PER_OCTAVE
     fig = go.Figure()
-    if lengths:
+    styles = {
+        "input": ("input length (tokens)", "rgba(31,119,180,0.9)", "rgba(31,119,180,0.25)"),
+        "shape": ("padded shape the kernels ran", "rgba(255,127,14,0.95)", "rgba(255,127,14,0.20)"),
+    }
+    for what, (name, line, fill) in styles.items():
+        rows = [r for r in hist if r["what"] == what]
+        if not rows:
+            continue
+        xs: list[float] = []
+        ys: list[int] = []
+        for r in rows:
+            lo, hi = 2 ** (r["k"] / per), 2 ** ((r["k"] + 1) / per)
+            xs += [lo, hi]
+            ys += [r["requests"], r["requests"]]
         fig.add_trace(
-            go.Bar(
-                x=[r["lo"] + r["width"] / 2 for r in lengths],
-                y=[r["requests"] for r in lengths],
-                width=[r["width"] for r in lengths],
-                name="input length (tokens)",
-                marker_color="rgba(31,119,180,0.35)",
-                hovertemplate="%{x:.0f} tokens: %{y} requests<extra></extra>",
-            )
+            go.Scatter(x=xs, y=ys, name=name, mode="lines", line={"color": line, "width": 1.5, "shape": "hv"}, fill="tozeroy", fillcolor=fill, hovertemplate="%{x:.0f} tokens: %{y} requests<extra></extra>")
         )
-    if shapes:
-        fig.add_trace(
-            go.Bar(
-                x=[r["shape_len"] for r in shapes],
-                y=[r["requests"] for r in shapes],
-                name="padded shape the kernels ran",
-                marker_color="#ff7f0e",
-                width=[max(1.0, _width(shapes)) for _ in shapes],
-                hovertemplate="shape %{x}: %{y} requests<extra></extra>",
-            )
-        )
-    for b in buckets:
-        fig.add_vline(x=b, line_dash="dash", line_color="#2ca02c", line_width=1.5, annotation_text=str(b), annotation_font_size=10, annotation_font_color="#2ca02c")
-    base_figure_layout(fig, title="Sequence lengths (recommended buckets dashed green)", height=340)
-    fig.update_layout(barmode="overlay", bargap=0)
-    fig.update_xaxes(title_text="tokens")
-    fig.update_yaxes(title_text="requests")
+    if buckets:
+        # Lines as one trace (data coordinates); labels as annotations, whose x
+        # on a log axis is given in log10 units.
+        top = max((r["requests"] for r in hist), default=1) * 1.05
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for b in buckets:
+            xs += [b, b, None]
+            ys += [0, top, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="recommended bucket bounds", line={"color": "#2ca02c", "dash": "dash", "width": 1.5}, hoverinfo="skip"))
+        for b in buckets:
+            fig.add_annotation(x=math.log10(b), y=top, text=str(b), showarrow=False, yanchor="bottom", font={"color": "#2ca02c", "size": 10})
+    base_figure_layout(fig, title="Sequence lengths, quarter-octave bins (recommended bucket bounds dashed green)", height=340)
+    fig.update_xaxes(title_text="tokens (log scale)", type="log")
+    fig.update_yaxes(title_text="requests", rangemode="tozero")
     return fig
-
-
-def _width(shapes: list[dict[str, Any]]) -> float:
-    xs = sorted(r["shape_len"] for r in shapes)
-    if len(xs) < 2:
-        return 1.0
-    return max(1.0, (xs[-1] - xs[0]) / 300)
 
 
 def compiles_figure(events: list[dict[str, Any]]) -> go.Figure:
@@ -114,7 +114,7 @@ def render(ctx: PageContext) -> Any:
     start, end = ctx.window
     service = ctx.state.service
     shapes = queries.shape_distribution(ctx.store, start, end, service)
-    lengths = queries.input_length_histogram(ctx.store, start, end, service)
+    hist = queries.length_histograms(ctx.store, start, end, service)
     options, current_overhead = bucket_options(ctx, start, end)
     shown = next((o for o in options if o["k"] == SHOWN_K), options[-1] if options else None)
     buckets = shown["buckets"] if shown else []
@@ -122,8 +122,8 @@ def render(ctx: PageContext) -> Any:
     distinct_shapes = len(shapes)
     reasons = queries.compile_reasons(ctx.store, start, end, service)
 
-    if shapes or lengths:
-        dist: Any = graph(distribution_figure(shapes, lengths, buckets), id="shape-distribution")
+    if hist:
+        dist: Any = graph(distribution_figure(hist, buckets), id="shape-distribution")
     else:
         dist = graph(empty_figure("no request lengths in this range"), id="shape-distribution")
     reason_rows = [

@@ -87,6 +87,7 @@ def schema_browser(store: Any) -> html.Div:
             html.Details(
                 [html.Summary([html.Code(t["name"]), html.Span(f" ({len(cols)})", className="ts-muted")]), html.P(t["doc"], className="ts-doc"), html.Ul(cols, className="ts-cols")],
                 className="ts-table-doc",
+                open=t["name"] == "spans",
             )
         )
     return html.Div([html.H4("Tables")] + items, className="ts-schema", id="sql-schema")
