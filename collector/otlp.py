@@ -189,7 +189,7 @@ def _guard(fn: Callable[[Any, int], Decoded], message: Any, limit: int) -> Decod
     """Turn Arrow / Unicode failures on hostile input into BadPayload."""
     try:
         return fn(message, limit)
-    except (pa.ArrowException, UnicodeError) as exc:
+    except (pa.ArrowException, UnicodeError, OverflowError) as exc:
         raise BadPayload(f"body contains a value that cannot be stored: {str(exc)[:200]}") from None
 
 

@@ -47,7 +47,7 @@ def decode_json(signal: str, body: bytes, limit: int) -> Decoded:
         return walk(doc, limit)
     except RecursionError:
         raise BadPayload("OTLP/JSON body is nested too deeply") from None
-    except (O.pa.ArrowException, UnicodeError) as exc:
+    except (O.pa.ArrowException, UnicodeError, OverflowError) as exc:
         raise BadPayload(f"OTLP/JSON body contains a value that cannot be stored: {str(exc)[:200]}") from None
 
 
