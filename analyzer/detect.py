@@ -26,6 +26,7 @@ OPEN_SIGMAS = 6.0
 CLOSE_SIGMAS = 3.0
 OPEN_RATIO = 1.5
 CLOSE_RATIO = 1.2
+CLOSE_AFTER = 2  # consecutive normal windows before an incident closes (one dip does not split it)
 SCALE_FLOOR = 0.05  # of the median: p99s of very regular traffic still get some slack
 DAY_S = 86_400
 
@@ -98,6 +99,7 @@ def detect(
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
+    quiet: list[int] = []
     current: Spike | None = None
     frozen: Baseline | None = None
     sfrozen: Baseline | None = None
@@ -131,18 +133,24 @@ def detect(
                 frozen, sfrozen = base, sbase
             else:
                 normal.append(i)
-                by_hour.setdefault(int(hour[i]), []).append(i)
         else:
             if v > base.close_threshold() or over_slo or s_keep:
                 current.last = i
                 current.windows.append(i)
                 current.peak_p99 = max(current.peak_p99, v)
                 current.by_slo = current.by_slo or over_slo
+                quiet = []
             else:
-                spikes.append(current)
-                current, frozen = None, None
-                normal.append(i)
-                by_hour.setdefault(int(hour[i]), []).append(i)
+                quiet.append(i)
+                if len(quiet) >= CLOSE_AFTER:
+                    spikes.append(current)
+                    current, frozen = None, None
+                    normal.extend(quiet)
+                    quiet = []
+        # Every valid window feeds the same-hour history, spiky or not: a pattern
+        # that recurs daily is learnt after a day, while a one-off incident is
+        # a minority of its hour's windows and leaves the median alone.
+        by_hour.setdefault(int(hour[i]), []).append(i)
     if current is not None:
         spikes.append(current)
     return spikes
