@@ -224,12 +224,12 @@ class Sender:
 
     # --- sending ----------------------------------------------------------------
     def send_one(self, item: SpoolItem) -> str:
-        """POST one spooled payload; returns ``ok``, ``retry`` or ``poison`` and updates the spool."""
+        """POST one spooled payload; returns ``ok``, ``retry``, ``poison`` or ``gone`` and updates the spool."""
         try:
             payload = item.read()
-        except FileNotFoundError:  # dropped as oldest by a concurrent put
+        except FileNotFoundError:  # dropped as oldest by a concurrent put (already counted there)
             self.spool.remove(item)
-            return "ok"
+            return "gone"
         url = f"{self.server}/v1/{item.kind}"
         try:
             resp = self.client.post(url, content=payload, headers=self._headers())
@@ -348,6 +348,7 @@ class Sender:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop after spooling everything in memory and trying to drain the spool until ``timeout``."""
         self._deadline = time.monotonic() + timeout
+        self._next_try = 0.0  # one immediate attempt even in the middle of a long backoff
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout + 2.0)
