@@ -164,8 +164,10 @@ def emit_chat(
             span_ids[o.rid] = span.span_id
             instance[o.rid] = inst
         # batches (members still open), with compile spans under them
-        for b in run.batches:
+        for k, b in enumerate(run.batches):
             h = handles[gen(b.start)]
+            if k % 5000 == 4999:
+                h.flush(timeout_s=60)
             bspan = h.start_batch(
                 b.bid, members=[reqs[m] for m in b.members], start_time=ep(b.start), size=b.size, max_len=b.max_len,
                 min_len=b.min_len, real_tokens=b.real_tokens, padded_tokens=b.padded_tokens, wait_s=b.wait,
@@ -192,8 +194,10 @@ def emit_chat(
             n_spans += 1
             n_events += 1
         # KV events
-        for ev in run.kv_log:
+        for k, ev in enumerate(run.kv_log):
             h = handles[gen(ev.time)]
+            if k % 1000 == 999:
+                h.flush(timeout_s=60)  # the SDK's log queue holds 2048 records: never let it drop
             victim = reqs.get(ev.victim) if ev.victim is not None else None
             h.kv_eviction(blocks=int(ev.blocks), reason=ev.reason, victim=victim, usage=min(1.0, max(0.0, ev.usage)), time=ep(ev.time))
             n_events += 1

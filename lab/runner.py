@@ -204,3 +204,39 @@ def result_dict(r: ScenarioResult) -> dict[str, Any]:
     d["start"] = iso(r.start)
     d["end"] = iso(r.end)
     return d
+
+
+def run_scenarios(
+    names: list[str],
+    endpoint: str,
+    out_dir: Path,
+    config: LabConfig | None = None,
+    token: str | None = None,
+    progress: Progress | None = None,
+    budget_s: float | None = None,
+    data_dir: Path | None = None,
+) -> list[ScenarioResult]:
+    """Build, serve, label and send each named scenario in turn.
+
+    ``budget_s`` bounds the wall time: scenarios not started when it is spent
+    are skipped (reported through ``progress``).
+    """
+    from lab.scenarios import build
+
+    say = progress or (lambda msg: None)
+    scns = [build(n, data_dir=data_dir) for n in names]
+    epochs = plan_epochs(scns)
+    t0 = time.monotonic()
+    current = [""]
+    lab = Lab(config, progress=lambda msg: say(f"{current[0]}: {msg}"))
+    results = []
+    for k, (scn, epoch) in enumerate(zip(scns, epochs), start=1):
+        if budget_s is not None and results and time.monotonic() - t0 > budget_s:
+            say(f"time budget spent: skipping {', '.join(s.name for s in scns[k - 1:])}")
+            break
+        current[0] = f"[{k}/{len(scns)}] {scn.name}"
+        say(f"{current[0]}: {len(scn.requests)} requests, {scn.description}")
+        results.append(lab.run(scn, endpoint, epoch, out_dir, token))
+        r = results[-1]
+        say(f"{current[0]}: done in {r.wall_s:.1f} s: {r.requests} requests sent, {r.labelled_slow} labelled slow, {r.compiles} compiles")
+    return results

@@ -184,7 +184,7 @@ def kv_eviction(seed: int = 3, data_dir: Path | None = None, window: Window = WI
         blocks = tuple(x for h in hashes for x in (2 * h, 2 * h + 1))[: prompt // 16]
         # prefix-affine routing (as a cache-aware router does): same first block, same replica
         reqs.append(Request(k, t / speed, prompt, output, hashes[0] % 2 if hashes else k % 2, "base", None, blocks))
-    specs = _specs(2, kv_blocks=KV_BLOCKS_LONG)
+    specs = _specs(2, kv_blocks=KV_BLOCKS_LONG, pad_batch="pow2")
     specs[replica].kv_squeeze.append((window, squeezed_blocks))
     return Scenario(
         "kv_eviction",
