@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -92,16 +93,19 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def _num(v: Any) -> float | None:
+    """A finite number from an int, float or numeric string; ``None`` otherwise (NaN/inf included)."""
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
+        f = float(v)
+    elif isinstance(v, str):
         try:
-            return float(v)
+            f = float(v)
         except ValueError:
             return None
-    return None
+    else:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _region(name: str) -> str | None:

@@ -235,3 +235,24 @@ def test_real_torch_profile_with_a_recompile(make_server, tmp_path):
     assert s["gpu"]["devices"] == 0  # a CPU-only profile: no GPU activity, no made-up busy time
     assert abs(s["trace_start_us"] / 1e6 - time.time()) < 600  # epoch from baseTimeNanoseconds
     torch._dynamo.reset()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=8), st.booleans())
+_event = st.fixed_dictionaries(
+    {"ph": st.sampled_from(["X", "M", "s", "f", "i", None]),
+     "cat": st.sampled_from(["kernel", "gpu_memcpy", "cuda_runtime", "cpu_op", "Trace", None]),
+     "name": st.one_of(st.sampled_from(["gemm", "cudaLaunchKernel", "dynamo", "Torch-Compiled Region: 0/1", "ProfilerStep#1"]), st.text(max_size=10)),
+     "ts": _scalars, "dur": _scalars, "pid": _scalars},
+    optional={"args": st.dictionaries(st.sampled_from(["correlation", "device", "stream"]), _scalars, max_size=3)},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_event, _scalars), max_size=30), st.booleans())
+def test_summary_never_crashes_on_odd_events(events, exclude_last_step):
+    s = summarize({"traceEvents": events}, exclude_last_step=exclude_last_step)
+    json.dumps(s, allow_nan=False)  # strict JSON: the server stores it
+    for d in s["devices"]:
+        assert d["busy_us"] <= d["span_us"] + 1e-6

@@ -157,3 +157,31 @@ def test_scrape_failure_is_logged_once_and_not_fatal(caplog):
 def test_scrape_url_is_validated():
     with pytest.raises(ValueError, match="must start with http"):
         PromScraper("localhost:8000/metrics", RES, lambda p: True)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_names = st.from_regex(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,20}", fullmatch=True)
+_label_values = st.text(max_size=20)
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_is_parsed_without_raising(text):
+    result = parse_exposition(text)
+    to_points(result, RES, 1, 0)
+    assert result.invalid_lines >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(_names, st.dictionaries(_names.filter(lambda n: ":" not in n), _label_values, max_size=4),
+       st.floats(allow_nan=False, width=64))
+def test_rendered_samples_parse_back(name, labels, value):
+    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    line = f"{name}{{{body}}} {value!r}" if labels else f"{name} {value!r}"
+    s = parse_sample_line(line.replace("inf", "Inf"))
+    assert s.name == name and dict(s.labels) == labels and s.value == value
