@@ -69,3 +69,41 @@ def test_compile_spike_reaches_the_receiver_with_its_cause(make_server: Any) -> 
         assert len([x for x in receiver.received if x.status == 200]) == 1
     finally:
         receiver.close()
+
+
+@pytest.mark.slow
+def test_server_restart_mid_retry_still_delivers_once(make_server: Any, tmp_path: Path) -> None:
+    """The receiver is down (500) when the alert fires; the server restarts; the alert arrives once."""
+    bench = _bench()
+    receiver = Receiver(default_status=500)
+    try:
+        db = str(tmp_path / "restart.duckdb")
+        srv = make_server(db=db, alert_interval_s=1)
+        r = httpx.post(srv.url + "/api/v1/alerts/webhooks", json={"url": receiver.url + "/hook", "secret": "k", "format": "generic"})
+        assert r.status_code == 201, r.text
+        rng = random.Random(5)
+        tel = bench.Telemetry(srv.url, "chat-api", schedule_delay_ms=200)
+        now = time.time()
+        spike_start = now // 60 * 60 - 60
+        bench.backfill(tel, spike_start - 25 * 60, spike_start, 1.0, rng)
+        bench.spike_window(tel, spike_start, spike_start + 60, 1.0, rng, share=0.15)
+        tel.flush()
+        tel.close()
+        receiver.wait_for(lambda rs: len(rs) >= 1, timeout=90)  # first attempt failed: waiting to retry
+        srv.stop()
+        failed = len(receiver.received)
+        assert failed >= 1 and all(x.status == 500 for x in receiver.received)
+        receiver.default_status = 200
+        again = make_server(db=db, alert_interval_s=1)  # same DuckDB file, same control DB next to it
+        got = receiver.wait_for(lambda rs: any(x.status == 200 for x in rs), timeout=60)
+        time.sleep(3)  # the restarted evaluator sees the same open incident: no second alert, no resend
+        ok = [x for x in receiver.received if x.status == 200]
+        assert len(ok) == 1
+        assert {x.header("Idempotency-Key") for x in got} == {ok[0].header("Idempotency-Key")}
+        assert ok[0].json()["top_causes"][0]["cause"] == "compile_miss"
+        alerts = httpx.get(again.url + "/api/v1/alerts").json()["alerts"]
+        assert len(alerts) == 1
+        d = httpx.get(again.url + "/api/v1/alerts/deliveries").json()["deliveries"]
+        assert len(d) == 1 and d[0]["status"] == "delivered" and d[0]["attempts"] == failed + 1
+    finally:
+        receiver.close()
