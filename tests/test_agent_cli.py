@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,14 +58,22 @@ def test_sigterm_flushes_and_exits_cleanly(make_server, tmp_path):
          "--interval", "0.2", "--batch-interval", "30", "--spool-dir", str(tmp_path / "spool"),
          "--host-name", "node-sig", "--profiler-dir", str(tmp_path / "traces")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
-        time.sleep(2.5)  # ~12 samples, all still in memory (batch interval 30 s)
+        end = time.monotonic() + 60
+        while not any("off: scrape" in line for line in lines) and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.05)  # started: the banner is printed once the sources run
+        time.sleep(2.0)  # ~10 samples, all still in memory (batch interval 30 s)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+    err = "".join(lines)
     assert proc.returncode == 0, err
     assert "on:  gpu: 2 GPU(s)" in err and "on:  xid" in err and "on:  profiler" in err
     assert "off: scrape: no --scrape URL given" in err
