@@ -20,8 +20,9 @@ an attribute list is handled as a whole batch:
 Values: strings, ints, doubles, bools as themselves; ``bytes`` as base64 text
 (as OTLP/JSON writes them); arrays as JSON lists; kvlists as JSON objects.
 Non-finite doubles are stored as the strings ``"NaN"``, ``"Infinity"``,
-``"-Infinity"`` (JSON has no literal for them). String values longer than
-``max_attribute_bytes`` UTF-8 bytes are cut to that length.
+``"-Infinity"`` (JSON has no literal for them). String values (and keys)
+longer than ``max_attribute_bytes`` UTF-8 bytes are cut to that length, bytes
+values too, so one megabyte value cannot bloat the store.
 """
 
 from __future__ import annotations
@@ -134,7 +135,14 @@ def pb_value(v: "Message", limit: int, trunc: Counter, depth: int = 0) -> Any:
     if which == "array_value":
         return [pb_value(x, limit, trunc, depth + 1) for x in v.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: pb_value(kv.value, limit, trunc, depth + 1) for kv in v.kvlist_value.values}
+        out: dict[str, Any] = {}
+        for kv in v.kvlist_value.values:
+            key = kv.key
+            if len(key) * 4 > limit:
+                key, cut = truncate_str(key, limit)
+                trunc.n += cut
+            out[key] = pb_value(kv.value, limit, trunc, depth + 1)
+        return out
     if which == "bytes_value":
         b = v.bytes_value
         if len(b) > limit:
@@ -232,6 +240,9 @@ def json_kv(kv: Any, limit: int, trunc: Counter, depth: int = 0) -> tuple[str, A
     key = kv.get("key", "")
     if type(key) is not str:
         raise BadPayload(f"attribute key must be a string, got {type(key).__name__}")
+    if len(key) * 4 > limit:
+        key, cut = truncate_str(key, limit)
+        trunc.n += cut
     return key, json_value(kv.get("value"), limit, trunc, depth)
 
 
@@ -271,6 +282,8 @@ def decode_kv_blob(b: bytes, limit: int, trunc: Counter, kv_class: Any) -> tuple
     try:
         if b[0] == 0x0A:
             kl, i = _varint(b, 1)
+            if kl > limit:
+                raise IndexError("long key: the general path cuts it")
             j = i + kl
             key = b[i:j].decode("utf-8")
             n = len(b)
@@ -309,7 +322,11 @@ def decode_kv_blob(b: bytes, limit: int, trunc: Counter, kv_class: Any) -> tuple
         kv = kv_class.FromString(b)
     except DecodeError as exc:
         raise BadPayload(f"invalid protobuf attribute (KeyValue): {exc}") from None
-    return kv.key, pb_value(kv.value, limit, trunc)
+    key = kv.key
+    if len(key) * 4 > limit:
+        key, cut = truncate_str(key, limit)
+        trunc.n += cut
+    return key, pb_value(kv.value, limit, trunc)
 
 
 # ------------------------------------------------------------------------ lifting
@@ -658,7 +675,7 @@ def decode_blobs(blobs: pa.Array, limit: int) -> tuple[pa.Array, Values, np.ndar
     ok = length >= 4
     s = np.where(ok, s, 0)
     kl = d[s + 1].astype(np.int64)
-    ok &= (d[s] == 0x0A) & (kl > 0) & (kl < 128)
+    ok &= (d[s] == 0x0A) & (kl > 0) & (kl < 128) & (kl <= limit)
     p = np.where(ok, s + 2 + kl, 0)
     vl = d[p + 1].astype(np.int64)
     ok &= (d[p] == 0x12) & (vl < 128) & (length == 4 + kl + vl)

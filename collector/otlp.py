@@ -68,8 +68,6 @@ _U64_MAX = (1 << 64) - 1
 _KIND_NAMES = np.array(["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"], dtype=object)
 _STATUS_NAMES = np.array(["UNSET", "OK", "ERROR"], dtype=object)
 _TEMPORALITY = {0: "UNSPECIFIED", 1: "DELTA", 2: "CUMULATIVE"}
-_Z16 = bytes(16)
-_Z8 = bytes(8)
 
 _LOG_EVENT_NAME = AttrColumn("event_name", "VARCHAR", "str", ("event.name",))
 
@@ -250,8 +248,45 @@ def _ts(ns: np.ndarray) -> pa.Array:
     return pa.array((ns // 1000).astype(np.int64), _TS)
 
 
-def _id_ok(ids: list[bytes], size: int, zero: bytes) -> np.ndarray:
-    return np.fromiter((len(b) == size and b != zero for b in ids), dtype=bool, count=len(ids))
+_HEX = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint8).reshape(256, 2)
+
+
+class Ids:
+    """A column of binary ids: which are well formed, and their lowercase hex.
+
+    Vectorised because hex-encoding and checking three ids per span one by one
+    costs more than decoding the span.
+    """
+
+    __slots__ = ("n", "length", "valid", "empty", "hex")
+
+    def __init__(self, ids: list[bytes], size: int) -> None:
+        n = self.n = len(ids)
+        arr = pa.array(ids, pa.binary())
+        offs = np.frombuffer(arr.buffers()[1], dtype=np.int32)[: n + 1]
+        raw = arr.buffers()[2]
+        data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, dtype=np.uint8)
+        self.length = np.diff(offs)
+        right = self.length == size
+        self.empty = self.length == 0
+        rows = np.nonzero(right)[0]
+        if len(rows) == n:
+            mat = data[offs[0]: offs[0] + n * size].reshape(n, size)
+        else:
+            mat = data[offs[rows][:, None] + np.arange(size)]
+        nonzero = mat.any(axis=1)
+        self.valid = np.zeros(n, dtype=bool)
+        self.valid[rows] = nonzero
+        k = len(rows)
+        text = _HEX[mat].tobytes()
+        step = 2 * size
+        hexes = pa.StringArray.from_buffers(k, pa.py_buffer(np.arange(0, step * (k + 1), step, dtype=np.int32).tobytes()), pa.py_buffer(text))
+        if len(rows) == n and nonzero.all():
+            self.hex = hexes
+        else:
+            sel = np.full(n, -1, dtype=np.int64)
+            sel[rows[nonzero]] = np.nonzero(nonzero)[0]
+            self.hex = hexes.take(pa.array(sel, mask=sel < 0))  # null where not a valid id
 
 
 class Reasons:
@@ -309,18 +344,18 @@ class SpanBatch:
         if n == 0:
             return out
         st, en = _ns(self.starts), _ns(self.ends)
+        tids, sids, pids = Ids(self.tids, 16), Ids(self.sids, 8), Ids(self.pids, 8)
         r = Reasons("span(s)")
-        r.check(_id_ok(self.tids, 16, _Z16), "trace_id must be 16 bytes and not all zero")
-        r.check(_id_ok(self.sids, 8, _Z8), "span_id must be 8 bytes and not all zero")
-        r.check(np.fromiter((len(p) in (0, 8) for p in self.pids), dtype=bool, count=n), "parent_span_id must be empty or 8 bytes")
+        r.check(tids.valid, "trace_id must be 16 bytes and not all zero")
+        r.check(sids.valid, "span_id must be 8 bytes and not all zero")
+        r.check(pids.empty | (pids.length == 8), "parent_span_id must be empty or 8 bytes")
         r.check(_in_range(st) & _in_range(en), "start/end time missing or outside 1970-01-02..2200-01-01")
         r.check(en >= st, "end time before start time")
         keep = r.keep
         assert keep is not None
 
-        tid_hex = pa.array([b.hex() for b in self.tids], pa.string())
-        sid_hex = pa.array([b.hex() for b in self.sids], pa.string())
-        has_parent = np.fromiter((len(p) == 8 and p != _Z8 for p in self.pids), dtype=bool, count=n)
+        tid_hex, sid_hex = tids.hex, sids.hex
+        has_parent = pids.valid  # an all-zero parent id means "no parent"
         kinds = np.array(self.kinds, dtype=np.int64)
         kind_names = _KIND_NAMES[np.where((kinds >= 0) & (kinds <= 5), kinds, 0)]
         scodes = np.array(self.scodes, dtype=np.int64)
@@ -331,7 +366,7 @@ class SpanBatch:
         cols: dict[str, pa.Array] = {
             "trace_id": tid_hex,
             "span_id": sid_hex,
-            "parent_span_id": pa.array([p.hex() if has else None for p, has in zip(self.pids, has_parent.tolist())], pa.string()),
+            "parent_span_id": pids.hex,
             "name": pa.array(self.names, pa.string()),
             "kind": pa.array(kind_names, pa.string()),
             "start_time": _ts(st),
@@ -381,7 +416,8 @@ class SpanBatch:
             out.tables["span_events"] = ev.filter(pa.array(keep[ev_span] & ev_ok))
         if self.ln_span:
             ln_span = np.array(self.ln_span, dtype=np.int64)
-            ln_ok = _id_ok(self.ln_tid, 16, _Z16) & _id_ok(self.ln_sid, 8, _Z8)
+            ln_tid, ln_sid = Ids(self.ln_tid, 16), Ids(self.ln_sid, 8)
+            ln_ok = ln_tid.valid & ln_sid.valid
             dropped = int(np.count_nonzero(keep[ln_span] & ~ln_ok))
             if dropped:
                 out.errors.append(f"{dropped} span link(s) dropped: linked trace_id/span_id must be 16/8 bytes and not all zero")
@@ -391,8 +427,8 @@ class SpanBatch:
             ln = pa.table({
                 "trace_id": tid_hex.take(idx),
                 "span_id": sid_hex.take(idx),
-                "linked_trace_id": pa.array([b.hex() for b in self.ln_tid], pa.string()),
-                "linked_span_id": pa.array([b.hex() for b in self.ln_sid], pa.string()),
+                "linked_trace_id": ln_tid.hex,
+                "linked_span_id": ln_sid.hex,
                 "attributes": lac.json,
             })
             out.tables["span_links"] = ln.filter(pa.array(keep[ln_span] & ln_ok))
@@ -491,12 +527,11 @@ class LogBatch:
             return out
         t, o = _ns(self.times), _ns(self.observed)
         time_ns = np.where(t != 0, t, o)
+        tids, sids = Ids(self.tids, 16), Ids(self.sids, 8)
         r = Reasons("log record(s)")
         r.check(_in_range(time_ns), "time and observed time missing or outside 1970-01-02..2200-01-01")
-        r.check(np.fromiter((len(x) == 0 or (len(x) == 16 and x != _Z16) for x in self.tids), dtype=bool, count=n),
-                "trace_id must be empty or 16 bytes, not all zero")
-        r.check(np.fromiter((len(x) == 0 or (len(x) == 8 and x != _Z8) for x in self.sids), dtype=bool, count=n),
-                "span_id must be empty or 8 bytes, not all zero")
+        r.check(tids.empty | tids.valid, "trace_id must be empty or 16 bytes, not all zero")
+        r.check(sids.empty | sids.valid, "span_id must be empty or 8 bytes, not all zero")
         keep = r.keep
         assert keep is not None
         ac = self.attrs.columns(LOG_LIFTER, limit)
@@ -512,8 +547,8 @@ class LogBatch:
             "severity_number": pa.array(self.sev_num, pa.int32()),
             "severity_text": pa.array(self.sev_text, pa.string()),
             "body": pa.array(self.bodies, pa.string()),
-            "trace_id": pa.array([x.hex() if x else None for x in self.tids], pa.string()),
-            "span_id": pa.array([x.hex() if x else None for x in self.sids], pa.string()),
+            "trace_id": tids.hex,
+            "span_id": sids.hex,
             "scope_name": pa.array(self.scopes, pa.string()),
         }
         for col in RESOURCE_LIFTER.names:
@@ -546,9 +581,9 @@ def _logs_pb(req: Any, limit: int) -> Decoded:
             for lr in records:
                 b.times.append(lr.time_unix_nano)
                 b.observed.append(lr.observed_time_unix_nano)
-                b.event_names.append(lr.event_name or None)
+                b.event_names.append(_cut(lr.event_name, limit, trunc) or None)
                 b.sev_num.append(lr.severity_number)
-                b.sev_text.append(lr.severity_text or None)
+                b.sev_text.append(_cut(lr.severity_text, limit, trunc) or None)
                 b.bodies.append(body_text(A.pb_value(lr.body, limit, trunc)) if lr.HasField("body") else None)
                 b.tids.append(lr.trace_id)
                 b.sids.append(lr.span_id)

@@ -31,7 +31,7 @@ _SEVERITY = {name: num for name, num in O._SEVERITY.items()}
 def decode_json(signal: str, body: bytes, limit: int) -> Decoded:
     """Decode an OTLP/JSON body for ``signal`` (see :func:`collector.otlp.decode`)."""
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")  # a leading BOM is tolerated
     except UnicodeDecodeError as exc:
         raise BadPayload(f"OTLP/JSON body is not valid UTF-8 (byte {exc.start})") from None
     try:
@@ -148,6 +148,8 @@ def _enum(d: dict[str, Any], camel: str, snake: str, names: dict[str, int], what
     if v is None:
         return 0
     if type(v) is int:
+        if not -(1 << 31) <= v < (1 << 31):
+            raise BadPayload(f"{what}.{camel}: enum value {v} out of range")
         return v
     if type(v) is str:
         if v in names:

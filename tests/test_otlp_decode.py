@@ -297,14 +297,15 @@ def test_duplicate_keys_and_non_finite_doubles_give_valid_json() -> None:
 
 def test_long_values_are_truncated_and_counted() -> None:
     req = trace_request([{"name": "n" * 50, "attrs": {"big": "é" * 40, "small": "ok", "blob": b"\x07" * 64,
-                                                       "nested": ["y" * 100]}}])
+                                                       "nested": ["y" * 100], "K" * 50: {"L" * 40: 1}}}])
     d, _ = both("traces", req, max_attribute_bytes=32)
     span = rows(d, "spans")[0]
     attrs = json.loads(span["attributes"])
     assert attrs["big"] == "é" * 16 and attrs["small"] == "ok"  # cut on a character boundary
     assert attrs["nested"] == ["y" * 32] and len(base64.b64decode(attrs["blob"])) == 32
     assert span["name"] == "n" * 32
-    assert d.truncated_values == 4
+    assert attrs["K" * 32] == {"L" * 32: 1}  # keys are cut too
+    assert d.truncated_values == 6
 
 
 def test_megabyte_attribute_is_cut_to_the_default_limit() -> None:
