@@ -139,6 +139,13 @@ class ProfilerWatcher:
         for key in list(self._seen):
             if key not in present:
                 del self._seen[key]
+        # forget uploads whose file is gone, so the state file does not grow forever
+        # (re-uploading a file that reappears is harmless: the server keys traces by content hash)
+        gone = [k for k in self.state if k not in present and not os.path.exists(k)]
+        if gone:
+            for k in gone:
+                del self.state[k]
+            self._save_state()
         return uploaded
 
     def _try_upload(self, path: Path, key: str, st: os.stat_result, seen: _Seen) -> int:

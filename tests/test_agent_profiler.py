@@ -156,7 +156,10 @@ def test_watcher_uploads_a_slowly_written_file_once(make_server, tmp_path):
     w2 = ProfilerWatcher([traces], srv.url, None, RES, state, interval=0.1)
     for _ in range(3):
         assert w2.poll_once() == 0
+    plain.unlink()  # a deleted trace is forgotten by the state file
+    w2.poll_once()
     w2.stop()
+    assert [Path(k).name for k in json.loads(state.read_text())["files"]] == ["node.2.pt.trace.json.gz"]
     rows = srv.sql("SELECT filename, host_name, service_name, service_instance_id, size_bytes, summary "
                    "FROM profiler_traces ORDER BY filename")
     assert [r[0] for r in rows] == ["node.1.pt.trace.json", "node.2.pt.trace.json.gz"]
