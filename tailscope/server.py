@@ -147,6 +147,7 @@ def build_server(config: Config) -> Server:
     from analyzer.alerts.service import AlertService
 
     alerts = AlertService(config, analyzer)
+    alerts.register_metrics(ingest.metrics)
     server.parts["alerts"] = alerts
     app.include_router(alerts_router(alerts))
 

@@ -170,3 +170,14 @@ def test_parse_duration() -> None:
     for bad in ("", "h", "-5m", "0", "5w"):
         with pytest.raises(Exception):
             parse_duration(bad)
+
+
+def test_alerter_health_on_the_metrics_endpoint(make_server: Any) -> None:
+    srv = make_server()
+    httpx.post(srv.url + API + "/evaluate")
+    text = httpx.get(srv.url + "/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("tailscope_alert"))
+    assert lines["tailscope_alerts_active"] == "0"
+    assert lines["tailscope_alert_deliveries_pending"] == "0" and lines["tailscope_alert_deliveries_failed"] == "0"
+    assert int(lines["tailscope_alert_evaluations"]) >= 1
+    assert 0 <= float(lines["tailscope_alert_last_evaluation_age_seconds"]) < 60

@@ -353,6 +353,32 @@ class AlertService:
             "deliveries": {k: int(counts.get(k, 0)) for k in DELIVERY_STATUSES},
         }
 
+    def register_metrics(self, metrics: Any) -> None:
+        """Expose the alerter's health on ``/metrics`` (``metrics.gauge(name, help, read)``), read at scrape time.
+
+        Who alerts on the alerter: a growing ``pending`` or a stale last
+        evaluation means pages are not going out.
+        """
+
+        def count(q: Any) -> float:
+            with self.sessions() as s:
+                return float(s.scalar(q) or 0)
+
+        def age() -> float:
+            last = self.evaluator.last_evaluated_at
+            if last is None:
+                raise LookupError("no evaluation yet")
+            return (utcnow() - last).total_seconds()
+
+        metrics.gauge("tailscope_alerts_active", "Alerts open or updated (not resolved).",
+                      lambda: count(select(func.count()).select_from(Alert).where(Alert.state != "resolved")))
+        for status in ("pending", "failed"):
+            metrics.gauge(f"tailscope_alert_deliveries_{status}", f"Outbox rows with status {status}.",
+                          lambda status=status: count(select(func.count()).select_from(Delivery).where(Delivery.status == status)))
+        metrics.gauge("tailscope_alert_evaluations", "Alert evaluations completed since start.", lambda: float(self.evaluator.evaluations))
+        metrics.gauge("tailscope_alert_evaluation_errors", "Alert evaluations that failed since start.", lambda: float(self.evaluator.errors))
+        metrics.gauge("tailscope_alert_last_evaluation_age_seconds", "Seconds since the last completed alert evaluation.", age)
+
     def evaluate_now(self) -> dict[str, Any]:
         return self.evaluator.evaluate().to_dict()
 
