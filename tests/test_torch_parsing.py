@@ -63,6 +63,10 @@ def test_first_compile_and_cache_hit():
     assert rec.kind == "first" and rec.cache == "hit"
     partial = ce.parse_metrics(_record(inductor_fx_local_cache_hit_count=1, inductor_fx_local_cache_miss_count=1))
     assert partial.cache == "miss"
+    # as 2.13 reports a warm FX graph cache for an inference graph
+    warm = ce.parse_metrics(_record(inductor_fx_local_cache_hit_count=1, aotautograd_local_cache_miss_count=1,
+                                    remote_cache_time_saved_s=39.9))
+    assert warm.cache == "hit" and warm.cache_saved_s == 39.9
 
 
 def test_runtime_and_limit_records():

@@ -105,6 +105,7 @@ class CompileRecord:
     limit_hit: bool
     filename: str | None
     lineno: int | None
+    cache_saved_s: float | None = None
 
 
 def _get(m: Any, name: str) -> Any:
@@ -131,12 +132,23 @@ def _kind(compile_id: str | None, reason: str | None) -> str:
 
 
 def _cache(m: Any) -> str:
-    hits = misses = 0
-    for prefix in ("inductor_fx", "aotautograd"):
+    """``hit`` when a persistent cache layer served the compiled artifact.
+
+    Layers: the AOTAutograd cache and inductor's FX graph cache, local or
+    remote. A layer hits when it counted hits and no misses; measured on 2.13
+    with a warm inductor cache after ``torch._dynamo.reset()``: FX graph cache
+    1 hit / 0 misses while AOTAutograd counted a miss (inference graphs), and
+    the compile took 0.46 s instead of 43 s. Backends without caches (eager)
+    count nothing: ``miss``, they really traced.
+    """
+    for prefix in ("aotautograd", "inductor_fx"):
+        hits = misses = 0
         for where in ("local", "remote"):
             hits += _get(m, f"{prefix}_{where}_cache_hit_count") or 0
             misses += _get(m, f"{prefix}_{where}_cache_miss_count") or 0
-    return "hit" if hits > 0 and misses == 0 else "miss"
+        if hits > 0 and misses == 0:
+            return "hit"
+    return "miss"
 
 
 def _graph_shapes(value: Any) -> dict[str, list[int]] | None:
@@ -195,6 +207,7 @@ def parse_metrics(m: Any) -> CompileRecord | None:
         limit_hit=limit_hit,
         filename=_get(m, "co_filename"),
         lineno=_get(m, "co_firstlineno"),
+        cache_saved_s=_get(m, "remote_cache_time_saved_s"),
     )
 
 
@@ -567,6 +580,8 @@ class CompileWatcher:
             attrs["code.lineno"] = int(record.lineno)
         if record.failure:
             attrs["tailscope.compile.failure"] = record.failure
+        if isinstance(record.cache_saved_s, (int, float)) and record.cache == "hit":
+            attrs["tailscope.compile.cache_saved_s"] = float(record.cache_saved_s)
         span = Span(handle, COMPILE_SPAN_NAME, SpanKind.INTERNAL, parent, attrs, record.start_ns)
         if record.failure:
             span.status = Status(StatusCode.ERROR, record.failure[:512])

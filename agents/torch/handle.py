@@ -83,10 +83,13 @@ def instrument(
     res = build_resource(service, instance_id, host_name, resource)
     handle = Handle(Pipeline(endpoint, res, token, options))
     if compile_events:
-        from agents.torch import compile_events as ce
+        try:
+            from agents.torch import compile_events as ce
 
-        ce.watcher().register(handle)
-        handle._compile_registered = True
+            ce.watcher().register(handle)
+            handle._compile_registered = True
+        except ImportError as exc:  # no torch here: spans and events still work
+            log.warning("tailscope: compile events are off because torch cannot be imported (%s)", exc)
     return handle
 
 
