@@ -109,6 +109,7 @@ class Handle:
         )
         self._compile_registered = False
         self._closed = False
+        self._warned_closed = False
 
     # -- properties --------------------------------------------------------
     @property
@@ -244,8 +245,15 @@ class Handle:
 
     def _export_span(self, span: Span) -> None:
         if self._closed:
+            self._dropped_after_shutdown("spans")
             return
         self._processor.on_end(span.to_readable())
+
+    def _dropped_after_shutdown(self, signal: str) -> None:
+        self._pipeline._count_failure(signal, 1)
+        if not self._warned_closed:
+            self._warned_closed = True
+            log.warning("tailscope: %s recorded after shutdown() are dropped (counted in failed_exports)", signal)
 
     # -- events and gauges -------------------------------------------------
     def _emit_event(
@@ -258,6 +266,7 @@ class Handle:
         body: str | None = None,
     ) -> None:
         if self._closed:
+            self._dropped_after_shutdown("logs")
             return
         attributes["event.name"] = name
         ctx = None
