@@ -65,6 +65,7 @@ class _Pending:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(tzinfo=None))
+    released: bool = False  # its items no longer count in the queue depth
 
 
 class Ingest:
@@ -215,8 +216,13 @@ class Ingest:
         return pending.future
 
     async def put(self, decoded: "Decoded") -> None:
-        """Submit and wait (on the event loop) until the request is committed."""
-        await asyncio.wrap_future(self.submit(decoded))
+        """Submit and wait (on the event loop) until the request is committed.
+
+        The wait is shielded: if the handler is cancelled (server shutdown
+        timeout), the queued request is still written; only the answer is lost,
+        as with a dropped connection, and the sender retries.
+        """
+        await asyncio.shield(asyncio.wrap_future(self.submit(decoded)))
 
     def put_blocking(self, decoded: "Decoded", timeout: float | None = None) -> None:
         """Submit and wait on this thread (gRPC handlers)."""
@@ -245,13 +251,29 @@ class Ingest:
             except BaseException as exc:  # never leave a sender waiting forever
                 log.exception("ingest writer failed")
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(self._unavailable(f"write failed: {exc}"))
+                    self._resolve(p, self._unavailable("the ingest writer failed; retry later"))
                 self._release(batch)
 
+    @staticmethod
+    def _resolve(p: _Pending, exc: BaseException | None = None) -> None:
+        """Answer one waiting request; a future someone cancelled is simply skipped."""
+        try:
+            if p.future.done():
+                return
+            if exc is None:
+                p.future.set_result(None)
+            else:
+                p.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
     def _release(self, batch: list[_Pending]) -> None:
+        """Give the batch's queue room back (once per request, whatever path it took)."""
         with self._cond:
-            self._depth -= sum(p.items for p in batch)
+            for p in batch:
+                if not p.released:
+                    p.released = True
+                    self._depth -= p.items
 
     def _bookkeeping(self, batch: list[_Pending]) -> pa.Table:
         seqs = list(range(self._seq, self._seq + len(batch)))
@@ -333,9 +355,8 @@ class Ingest:
                 self.metrics.commit_failed()
                 failures += 1
                 last = exc
-                with self._cond:
-                    self._depth -= p.items
-                p.future.set_exception(self._unavailable(f"the store could not write this batch ({type(exc).__name__}); retry later"))
+                self._release([p])
+                self._resolve(p, self._unavailable(f"the store could not write this batch ({type(exc).__name__}); retry later"))
                 continue
             self._succeeded([p], rows, time.monotonic() - t0)
         if failures == len(batch) and last is not None:
@@ -350,9 +371,9 @@ class Ingest:
             per_signal[p.decoded.signal] += p.items
         self.metrics.committed(per_signal, rows, seconds)
         now = time.monotonic()
+        self._release(batch)
         with self._cond:
-            self._depth -= sum(p.items for p in batch)
             self._failing = None
         for p in batch:
             self.metrics.acked(now - p.enqueued)
-            p.future.set_result(None)
+            self._resolve(p)

@@ -226,3 +226,28 @@ def test_concurrent_submitters_lose_nothing(store):
     ing.stop()
     assert count(store, "SELECT count(*) FROM spans") == [(sum(acked),)]
     assert len(acked) + refused == 160
+
+
+def test_cancelled_waiter_does_not_break_the_writer(store):
+    """A handler cancelled while waiting (uvicorn's shutdown timeout) still gets its rows written."""
+    import asyncio
+
+    ing = make_ingest(store, flush_interval_ms=1)
+
+    async def scenario() -> None:
+        with store._write_lock:
+            task = asyncio.ensure_future(ing.put(spans(5)))
+            other = ing.submit(spans(6))
+            await asyncio.sleep(0)  # let the task submit
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.wrap_future(other)
+
+    try:
+        asyncio.run(scenario())
+        ing.submit(spans(2)).result(timeout=30)  # the writer is still alive
+    finally:
+        ing.stop()
+    assert count(store, "SELECT count(*) FROM spans") == [(13,)]
+    assert ing.depth == 0
