@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from typing import Any, Iterator, Mapping
 
 from opentelemetry._logs import LogRecord, SeverityNumber
-from opentelemetry.trace import SpanContext, SpanKind, set_span_in_context, NonRecordingSpan
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, set_span_in_context
 
 from agents.torch import context
 from agents.torch.attributes import (
@@ -99,7 +98,6 @@ class Handle:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
         self._processor = pipeline.span_processor
-        self._lock = threading.Lock()
         self._kv_usage: float | None = None
         self._kv_gauge = pipeline.meter.create_observable_gauge(
             KV_USAGE_METRIC,
@@ -284,9 +282,20 @@ class Handle:
         )
         try:
             record = LogRecord(event_name=name, **kwargs)
-        except TypeError:  # SDKs before event_name: the attribute alone names it
-            record = LogRecord(**kwargs)
+        except TypeError:
+            # SDKs before 1.35 (tested: 1.45.2): no event_name / context on the
+            # record; the event.name attribute alone names the event.
+            record = self._legacy_record(kwargs, span)
         self._pipeline.logger.emit(record)
+
+    def _legacy_record(self, kwargs: dict[str, Any], span: Span | None) -> Any:
+        from opentelemetry.sdk._logs import LogRecord as SDKLogRecord
+        from opentelemetry.trace import TraceFlags
+
+        kwargs.pop("context", None)
+        if span is not None:
+            kwargs.update(trace_id=span.trace_id_int, span_id=span.span_id_int, trace_flags=TraceFlags(1))
+        return SDKLogRecord(resource=self._pipeline.resource, **kwargs)
 
     def kv_eviction(
         self,
