@@ -370,7 +370,7 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
 # value types of an entry
 _NULL, _STR, _INT, _FLT, _BOOL, _OTHER = 0, 1, 2, 3, 4, 5
 _KIND_CODE = {"str": _STR, "int": _INT, "float": _FLT}
-_NEEDS_ESCAPE = '["\\\\\\x00-\\x1f]'
+_NEEDS_ESCAPE = '["\\\\\\x00-\\x1f]'  # characters a JSON string must escape
 
 
 class Values:
@@ -782,7 +782,8 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
 
     lifted: list[pa.Array] = []
     col_flat = e.col[index] if len(index) else np.zeros(0, dtype=np.int64)
-    present = set(np.unique(col_flat).tolist()) if len(col_flat) else set()
+    seen = np.bincount(col_flat + 1, minlength=len(lifter.columns) + 1)[1:] if len(col_flat) else np.zeros(len(lifter.columns))
+    present = set(np.nonzero(seen)[0].tolist())
     arrays: dict[str, pa.Array] = {}
     for ci, spec in enumerate(lifter.columns):
         typ = lifter.types[ci]
