@@ -111,18 +111,31 @@ class RunResult:
     compile: CompileEvent | None
 
 
-def compile_limit(limit: int) -> None:
+_LIMIT_KEYS = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit")
+
+
+def compile_limit(limit: int) -> dict[str, int]:
     """Raise dynamo's recompile limit (default 8) so a run without bucketing
-    keeps recompiling instead of silently falling back to eager after 8 shapes."""
+    keeps recompiling instead of silently falling back to eager after 8 shapes.
+    Returns the previous values (for :func:`restore_compile_limit`)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    if hasattr(cfg, "recompile_limit"):
+    prev = {k: getattr(cfg, k) for k in _LIMIT_KEYS if hasattr(cfg, k)}
+    if "recompile_limit" in prev:
         cfg.recompile_limit = limit
-    if hasattr(cfg, "cache_size_limit"):
+    if "cache_size_limit" in prev:
         cfg.cache_size_limit = limit
-    if hasattr(cfg, "accumulated_recompile_limit"):
-        cfg.accumulated_recompile_limit = max(getattr(cfg, "accumulated_recompile_limit", 0), limit * 8)
+    if "accumulated_recompile_limit" in prev:
+        cfg.accumulated_recompile_limit = max(prev["accumulated_recompile_limit"], limit * 8)
+    return prev
+
+
+def restore_compile_limit(prev: dict[str, int]) -> None:
+    import torch._dynamo
+
+    for k, v in prev.items():
+        setattr(torch._dynamo.config, k, v)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from lab import truth
 from lab.burner import Burner
 from lab.emit import emit_chat, emit_gateway
-from lab.model import Executor, build_model, calibrate, compile_limit
+from lab.model import Executor, build_model, calibrate, compile_limit, restore_compile_limit
 from lab.scenarios import Scenario
 from lab.sim import ReplicaRun, simulate
 
@@ -85,10 +85,26 @@ class Lab:
 
         self.config = config or LabConfig()
         self.progress = progress or (lambda msg: None)
+        self._saved = (torch.get_num_threads(), compile_limit(self.config.recompile_limit))
         torch.set_num_threads(1)  # one intra-op thread: CPU-time measurements stay per thread
-        compile_limit(self.config.recompile_limit)
         self.model = build_model(self.config.seed)
         self.cost = calibrate(self.model)
+
+    def close(self) -> None:
+        """Give torch back its thread count and dynamo its limits."""
+        import torch
+        import torch._dynamo
+
+        threads, limits = self._saved
+        torch.set_num_threads(threads)
+        restore_compile_limit(limits)
+        torch._dynamo.reset()
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def serve(self, scn: Scenario, burner: Burner | None = None) -> dict[int, ReplicaRun]:
         """The actual run: every replica served with the real compiled forward."""
@@ -228,15 +244,15 @@ def run_scenarios(
     epochs = plan_epochs(scns)
     t0 = time.monotonic()
     current = [""]
-    lab = Lab(config, progress=lambda msg: say(f"{current[0]}: {msg}"))
     results = []
-    for k, (scn, epoch) in enumerate(zip(scns, epochs), start=1):
-        if budget_s is not None and results and time.monotonic() - t0 > budget_s:
-            say(f"time budget spent: skipping {', '.join(s.name for s in scns[k - 1:])}")
-            break
-        current[0] = f"[{k}/{len(scns)}] {scn.name}"
-        say(f"{current[0]}: {len(scn.requests)} requests, {scn.description}")
-        results.append(lab.run(scn, endpoint, epoch, out_dir, token))
-        r = results[-1]
-        say(f"{current[0]}: done in {r.wall_s:.1f} s: {r.requests} requests sent, {r.labelled_slow} labelled slow, {r.compiles} compiles")
+    with Lab(config, progress=lambda msg: say(f"{current[0]}: {msg}")) as lab:
+        for k, (scn, epoch) in enumerate(zip(scns, epochs), start=1):
+            if budget_s is not None and results and time.monotonic() - t0 > budget_s:
+                say(f"time budget spent: skipping {', '.join(s.name for s in scns[k - 1:])}")
+                break
+            current[0] = f"[{k}/{len(scns)}] {scn.name}"
+            say(f"{current[0]}: {len(scn.requests)} requests, {scn.description}")
+            results.append(lab.run(scn, endpoint, epoch, out_dir, token))
+            r = results[-1]
+            say(f"{current[0]}: done in {r.wall_s:.1f} s: {r.requests} requests sent, {r.labelled_slow} labelled slow, {r.compiles} compiles")
     return results
