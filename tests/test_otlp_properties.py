@@ -196,12 +196,7 @@ def test_mutated_protobuf_bodies(signal: str, edits: list[tuple[int, int, str]])
 @FAST
 @given(st.sampled_from(SIGNALS), st.lists(st.tuples(st.integers(0, 10_000), st.characters(codec="utf-8")), min_size=1, max_size=3))
 def test_mutated_json_bodies(signal: str, edits: list[tuple[int, str]]) -> None:
-    import google.protobuf.message  # noqa: F401
-
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest as L
-    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest as M
-
-    cls = {"traces": ExportTraceServiceRequest, "logs": L, "metrics": M}[signal]
+    cls = {"traces": ExportTraceServiceRequest, "logs": ExportLogsServiceRequest, "metrics": ExportMetricsServiceRequest}[signal]
     text = json.dumps(to_otlp_json(cls.FromString(VALID[signal])))
     for pos, ch in edits:
         pos %= len(text)
