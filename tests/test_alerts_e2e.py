@@ -107,3 +107,33 @@ def test_server_restart_mid_retry_still_delivers_once(make_server: Any, tmp_path
         assert len(d) == 1 and d[0]["status"] == "delivered" and d[0]["attempts"] == failed + 1
     finally:
         receiver.close()
+
+
+@pytest.mark.slow
+def test_lab_compile_miss_spike_reaches_the_receiver_with_the_injected_cause(make_server: Any, tmp_path: Path) -> None:
+    """The lab's compile_miss scenario (real model, real torch.compile recompiles) with its injection in the newest minute."""
+    pytest.importorskip("torch", reason="the lab needs torch (the 'torch' extra)")
+    from lab.runner import Lab, LabConfig
+    from lab.scenarios import build
+    from lab.sim import Window
+
+    receiver = Receiver()
+    try:
+        srv = make_server(alert_interval_s=1)
+        r = httpx.post(srv.url + "/api/v1/alerts/webhooks", json={"url": receiver.url + "/hook", "secret": "lab", "format": "generic"})
+        assert r.status_code == 201, r.text
+        scn = build("compile_miss", window=Window(660.0, 720.0))  # bucketing off in the scenario's last minute
+        assert scn.duration == 720.0
+        base = time.time() // 60 * 60 - scn.duration  # the scenario ends at the last minute boundary: its last window is the newest
+        with Lab(LabConfig()) as lab:
+            result = lab.run(scn, srv.url, base, tmp_path / "lab")
+        injected = {i["cause"] for i in result.injections}
+        assert injected == {"compile_miss"} and result.compiles > 0
+        got = receiver.wait_for(lambda rs: any(x.status == 200 for x in rs), timeout=90)[0]
+        assert signing.verify("lab", got.header(signing.TIMESTAMP_HEADER), got.body, got.header(signing.SIGNATURE_HEADER))
+        body = got.json()
+        assert body["event"] == "open" and body["incident"]["service"] == scn.service
+        assert body["top_causes"][0]["cause"] in injected, body["top_causes"]
+        assert any(e.get("kind") == "compile_span" and "size mismatch" in str(e.get("reason")) for e in body["top_causes"][0]["evidence"])
+    finally:
+        receiver.close()
