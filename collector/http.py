@@ -9,6 +9,7 @@ decompress + decode off the event loop, then wait for the group commit. The
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -62,7 +63,11 @@ def make_router(ingest: "Ingest", config: "Config") -> APIRouter:
             nbytes = len(body)
             content_type = request.headers.get("content-type", "")
             encoding = request.headers.get("content-encoding", "")
-            decoded = await ingest.decoder.decode(signal, body, content_type, encoding)
+            t0 = time.perf_counter()
+            try:
+                decoded = await ingest.decoder.decode(signal, body, content_type, encoding)
+            finally:
+                metrics.decode_time(time.perf_counter() - t0)
             metrics.decoded(signal, decoded.accepted, decoded.rejected, decoded.truncated_values)
             await ingest.put(decoded)
             as_json = content_type.split(";")[0].strip().lower() == "application/json"

@@ -82,6 +82,7 @@ class SelfMetrics:
         self.commit_rows = 0
         self.flush_latency = Histogram()
         self.ack_wait = Histogram()
+        self.decode_latency = Histogram()
         self.profiler_uploads = 0
         self.profiler_bytes = 0
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
@@ -114,6 +115,10 @@ class SelfMetrics:
     def commit_failed(self) -> None:
         with self._lock:
             self.commit_failures += 1
+
+    def decode_time(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_latency.observe(seconds)
 
     def acked(self, seconds: float) -> None:
         with self._lock:
@@ -175,6 +180,8 @@ class SelfMetrics:
             out.extend(self.flush_latency.lines("tailscope_ingest_flush_seconds"))
             family("tailscope_ingest_ack_wait_seconds", "histogram", "Time an accepted request waits in the queue until its commit.")
             out.extend(self.ack_wait.lines("tailscope_ingest_ack_wait_seconds"))
+            family("tailscope_ingest_decode_seconds", "histogram", "Time to decompress and decode one OTLP/HTTP body (including waiting for a decoder).")
+            out.extend(self.decode_latency.lines("tailscope_ingest_decode_seconds"))
 
             family("tailscope_profiler_uploads_total", "counter", "Profiler trace files stored.")
             out.append(f"tailscope_profiler_uploads_total {self.profiler_uploads}")

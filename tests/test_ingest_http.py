@@ -192,6 +192,7 @@ def test_metrics_endpoint_counts_ingest(make_server):
     assert m["tailscope_ingest_commits_total"] >= 1
     assert m['tailscope_ingest_flush_seconds_bucket{le="+Inf"}'] == m["tailscope_ingest_commits_total"]
     assert m["tailscope_ingest_ack_wait_seconds_count"] == 1
+    assert m["tailscope_ingest_decode_seconds_count"] == 2  # the garbage body was decoded too (and refused)
     assert "tailscope_ingest_responses_429_total" in r.text
 
 
