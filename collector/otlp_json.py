@@ -42,6 +42,7 @@ def decode_json(signal: str, body: bytes, limit: int) -> Decoded:
         raise BadPayload(f"OTLP/JSON body is not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise BadPayload(f"OTLP/JSON body must be an object, got {type(doc).__name__}")
+    _check_top_level(signal, doc)
     walk = {"traces": _traces, "logs": _logs, "metrics": _metrics}[signal]
     try:
         return walk(doc, limit)
@@ -49,6 +50,25 @@ def decode_json(signal: str, body: bytes, limit: int) -> Decoded:
         raise BadPayload("OTLP/JSON body is nested too deeply") from None
     except (O.pa.ArrowException, UnicodeError, OverflowError) as exc:
         raise BadPayload(f"OTLP/JSON body contains a value that cannot be stored: {str(exc)[:200]}") from None
+
+
+_TOP = {"traces": ("resourceSpans", "resource_spans"), "logs": ("resourceLogs", "resource_logs"),
+        "metrics": ("resourceMetrics", "resource_metrics")}
+
+
+def _check_top_level(signal: str, doc: dict[str, Any]) -> None:
+    """Refuse an object that is not this signal's request (data would be lost silently).
+
+    ``{}`` is a valid empty request, and unknown fields next to the expected one
+    are ignored, but a body with only other keys — typically another signal's
+    request sent to the wrong endpoint — is an error.
+    """
+    if not doc or any(k in doc for k in _TOP[signal]):
+        return
+    for other, keys in _TOP.items():
+        if any(k in doc for k in keys):
+            raise BadPayload(f"this is an OTLP {other} request ({keys[0]}); send it to /v1/{other}, not /v1/{signal}")
+    raise BadPayload(f"not an OTLP/JSON {signal} request: expected a {_TOP[signal][0]!r} list, got keys {sorted(doc)[:5]}")
 
 
 # ---------------------------------------------------------------- field helpers

@@ -565,6 +565,8 @@ def _span_json(**fields: Any) -> bytes:
     (_span_json(attributes=[{"key": "a", "value": {"bytesValue": "***"}}]), "base64"),
     (_span_json(attributes={"a": 1}), "must be a list"),
     (_span_json(name="\ud800"), "cannot be stored"),
+    (b'{"resourceLogs": []}', "send it to /v1/logs"),
+    (b'{"hello": "world"}', "expected a 'resourceSpans' list"),
     (b"\xff\xfe{}", "UTF-8"),
 ])
 def test_bad_json_bodies(body: bytes, fragment: str) -> None:
