@@ -208,3 +208,17 @@ def test_empty_requests_are_ok(make_server):
         r = httpx.post(srv.url + f"/v1/{signal}", content=b"", headers=PB, timeout=10)
         assert r.status_code == 200, (signal, r.text)
     assert srv.sql("SELECT count(*) FROM ingest_batches") == [(0,)]
+
+
+@pytest.mark.slow
+def test_decoding_in_worker_processes(make_server):
+    """decode_workers > 0: bodies are decoded in a process pool; errors cross the process boundary intact."""
+    srv = make_server(decode_workers=1)
+    req, ids = request_spans(30)
+    r = httpx.post(srv.url + "/v1/traces", content=gzip.compress(req.SerializeToString()), headers={**PB, "content-encoding": "gzip"}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(srv.url + "/v1/traces", content=b"\xff\xff garbage", headers=PB, timeout=60)
+    assert r.status_code == 400 and "invalid OTLP protobuf" in r.json()["error"]
+    r = httpx.post(srv.url + "/v1/traces", content=b"{}", headers={"content-type": "text/csv"}, timeout=60)
+    assert r.status_code == 415
+    assert {row[0] for row in srv.sql("SELECT span_id FROM spans")} == set(ids)
