@@ -178,6 +178,44 @@ def decode_message(signal: str, message: Any, *, max_attribute_bytes: int = 6553
     return _guard(_PB[signal], message, max_attribute_bytes)
 
 
+def warm_up() -> None:
+    """Decode one small request of each signal, protobuf and JSON, and discard it.
+
+    The first decode in a process pays about a second for Arrow kernel and
+    regex set-up; a decode worker calls this when it starts so that no client
+    request waits for it.
+    """
+    from collector.otlp_json import to_otlp_json
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    import json
+
+    t = 1_700_000_000 * 10**9
+    traces = ExportTraceServiceRequest()
+    rs = traces.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "warm-up"
+    span = rs.scope_spans.add().spans.add(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, parent_span_id=b"\x03" * 8,
+                                          name="warm-up", kind=2, start_time_unix_nano=t, end_time_unix_nano=t + 1)
+    for key, setter in (("gen_ai.usage.input_tokens", "int_value"), ("gen_ai.latency.e2e", "double_value"),
+                        ("tailscope.role", "string_value"), ("flag", "bool_value")):
+        setattr(span.attributes.add(key=key).value, setter, {"int_value": 1, "double_value": 0.5,
+                                                              "string_value": 'a"b', "bool_value": True}[setter])
+    span.attributes.add(key="list").value.array_value.values.add().int_value = 1
+    span.events.add(name="e", time_unix_nano=t)
+    span.links.add(trace_id=b"\x04" * 16, span_id=b"\x05" * 8)
+    logs = ExportLogsServiceRequest()
+    rec = logs.resource_logs.add().scope_logs.add().log_records.add(time_unix_nano=t, event_name="warm-up")
+    rec.body.string_value = "warm-up"
+    rec.attributes.add(key="tailscope.kv.blocks").value.int_value = 1
+    metrics = ExportMetricsServiceRequest()
+    m = metrics.resource_metrics.add().scope_metrics.add().metrics.add(name="warm-up")
+    m.gauge.data_points.add(time_unix_nano=t, as_double=1.0).attributes.add(key="gpu.index").value.int_value = 0
+    for signal, req in (("traces", traces), ("logs", logs), ("metrics", metrics)):
+        decode(signal, req.SerializeToString(), PROTOBUF)
+        decode(signal, json.dumps(to_otlp_json(req)).encode(), JSON)
+
+
 def _check_signal(signal: str) -> None:
     if signal not in SIGNALS:
         raise ValueError(f"unknown OTLP signal {signal!r}; expected one of {SIGNALS}")
@@ -242,6 +280,11 @@ def _ns(values: list[int]) -> np.ndarray:
 
 def _in_range(ns: np.ndarray) -> np.ndarray:
     return (ns >= MIN_NS) & (ns <= MAX_NS)
+
+
+def _keep(table: pa.Table, keep: np.ndarray) -> pa.Table:
+    """The rows of ``table`` where ``keep`` is true (no copy when all are kept)."""
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
 def _ts(ns: np.ndarray) -> pa.Array:
@@ -388,8 +431,7 @@ class SpanBatch:
             cols["role"] = pc.if_else(pa.array(default), "request", role)
         cols["attributes"] = ac.json
         cols["resource_attributes"] = res_cols["resource_attributes"]
-        mask = pa.array(keep)
-        out.tables["spans"] = pa.table(cols).filter(mask)
+        out.tables["spans"] = _keep(pa.table(cols), keep)
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors
@@ -413,7 +455,7 @@ class SpanBatch:
                 "service_name": res_cols["service_name"].take(idx),
                 "attributes": eac.json,
             })
-            out.tables["span_events"] = ev.filter(pa.array(keep[ev_span] & ev_ok))
+            out.tables["span_events"] = _keep(ev, keep[ev_span] & ev_ok)
         if self.ln_span:
             ln_span = np.array(self.ln_span, dtype=np.int64)
             ln_tid, ln_sid = Ids(self.ln_tid, 16), Ids(self.ln_sid, 8)
@@ -431,7 +473,7 @@ class SpanBatch:
                 "linked_span_id": ln_sid.hex,
                 "attributes": lac.json,
             })
-            out.tables["span_links"] = ln.filter(pa.array(keep[ln_span] & ln_ok))
+            out.tables["span_links"] = _keep(ln, keep[ln_span] & ln_ok)
         return out
 
 
@@ -556,7 +598,7 @@ class LogBatch:
         cols.update(lifted)
         cols["attributes"] = ac.json
         cols["resource_attributes"] = res_cols["resource_attributes"]
-        out.tables["logs"] = pa.table(cols).filter(pa.array(keep))
+        out.tables["logs"] = _keep(pa.table(cols), keep)
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors
@@ -676,7 +718,7 @@ class MetricBatch:
         cols.update(zip(METRIC_LIFTER.names, ac.lifted))
         cols["attributes"] = json_col
         cols["resource_attributes"] = res_cols["resource_attributes"]
-        out.tables["metrics"] = pa.table(cols).filter(pa.array(keep))
+        out.tables["metrics"] = _keep(pa.table(cols), keep)
         out.accepted = int(np.count_nonzero(keep))
         out.rejected = r.rejected
         out.errors = r.errors

@@ -653,3 +653,7 @@ def test_identity_body_over_the_limit() -> None:
 def test_bad_compression(body: bytes, enc: str) -> None:
     with pytest.raises(BadPayload):
         decompress(body, enc, limit=1 << 20)
+
+
+def test_warm_up_decodes_every_signal_without_error() -> None:
+    otlp.warm_up()  # used by decode workers at start; must never raise
