@@ -6,6 +6,7 @@ import gzip
 import socket
 
 import httpx
+import pytest
 
 from ingest_payloads import request_spans
 
@@ -124,3 +125,38 @@ def test_bad_content_length(make_server):
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 400"), reply
     assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.slow
+def test_fuzzed_bodies_never_get_a_500(make_server):
+    """Random mutations of a valid request: every answer is 200 or a 4xx with a message, never a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    srv = make_server(flush_interval_ms=1)
+    req, _ = request_spans(20)
+    valid = req.SerializeToString()
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(
+        cuts=st.lists(st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+        truncate=st.one_of(st.none(), st.integers(0, len(valid))),
+        ctype=st.sampled_from(["application/x-protobuf", "application/json"]),
+    )
+    def check(cuts, truncate, ctype):
+        body = bytearray(valid)
+        for pos, byte in cuts:
+            body[pos] = byte
+        if truncate is not None:
+            body = body[:truncate]
+        r = httpx.post(srv.url + "/v1/traces", content=bytes(body), headers={"content-type": ctype}, timeout=30)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code in (200, 400), (r.status_code, r.text)
+        if r.status_code == 400:
+            assert r.json()["error"]
+
+    check()
+    assert seen.get(400, 0) > 0
+    assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+    assert srv.sql("SELECT count(*) FROM spans WHERE trace_id IS NULL OR span_id IS NULL") == [(0,)]
