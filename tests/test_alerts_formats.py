@@ -135,3 +135,19 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap(tmp_path) -> None:
         sender.close()
     with pytest.raises(ValueError, match="invalid sender settings"):
         Sender(sender.sessions, timeout_s=0)
+
+
+def test_database_errors_never_carry_parameters(tmp_path) -> None:
+    """A failing statement's message (which reaches the server log) must not contain a webhook secret."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from analyzer.alerts.db import open_engine
+
+    engine = open_engine(f"sqlite:///{tmp_path}/c.sqlite")
+    try:
+        with engine.begin() as con, pytest.raises(SQLAlchemyError) as err:
+            con.execute(text("INSERT INTO alert_webhooks (id, url, secret) VALUES (:i, NULL, :s)"), {"i": 1, "s": "very-secret-value"})
+        assert "very-secret-value" not in str(err.value)
+    finally:
+        engine.dispose()

@@ -44,7 +44,8 @@ def open_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"invalid --control-db URL {redact_url(url)!r}: expected e.g. sqlite:///alerts.sqlite or postgresql+psycopg://user@host/db") from None
-    kwargs: dict[str, Any] = {"future": True}
+    # hide_parameters: a failed INSERT of a webhook must not put its secret in an error message or log
+    kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         if parsed.database in (None, "", ":memory:"):
