@@ -178,19 +178,14 @@ class Handle:
         if attributes:
             check_attributes(attributes, attrs)
         kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
-        return Span(self, stage, kind, parent, attrs, to_ns(start_time))
+        return Span(self, stage, kind, parent, attrs, to_ns(start_time), activates=False)
 
-    @contextlib.contextmanager
-    def stage(self, stage: str, parent: Span | None = None, **kwargs: Any) -> Iterator[Span]:
-        """``with h.stage("prefill", parent=req):`` a stage span (not made active)."""
-        span = self.start_stage(stage, parent=parent, **kwargs)
-        try:
-            yield span
-        except BaseException as exc:
-            span.set_error(f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            span.end()
+    def stage(self, stage: str, parent: Span | None = None, **kwargs: Any) -> Span:
+        """``with h.stage("prefill", parent=req):`` a stage span (not made active).
+
+        Ends when the block exits, as an error if an exception escaped.
+        """
+        return self.start_stage(stage, parent=parent, **kwargs)
 
     def start_batch(
         self,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from agents.torch.handle import Handle
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_time_ns = time.time_ns
 _UNSET = Status(StatusCode.UNSET)
 _rng = random.Random(os.urandom(16))
 
@@ -63,7 +64,7 @@ def new_span_id() -> int:
 def to_ns(t: float | None) -> int:
     """Unix seconds (float) or None (now) -> integer nanoseconds."""
     if t is None:
-        return time.time_ns()
+        return _time_ns()
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"times are unix seconds (float), got {t!r}")
     # Microseconds: a float near 1.7e9 s cannot hold nanoseconds exactly, and
@@ -75,8 +76,9 @@ class Span:
     """One span being recorded: ids, start, attributes; exported on ``end()``.
 
     Usable as a context manager (``with h.request(...) as req``): entering
-    makes it the active span of the thread (compile spans nest under it),
-    leaving ends it and marks it as an error if an exception escaped.
+    makes it the active span of the thread (compile spans nest under it;
+    stage spans have ``activates=False`` and do not), leaving ends it and marks
+    it as an error if an exception escaped.
     """
 
     __slots__ = (
@@ -91,6 +93,8 @@ class Span:
         "links",
         "status",
         "end_ns",
+        "activates",
+        "_ctx",
     )
 
     def __init__(
@@ -101,8 +105,11 @@ class Span:
         parent: Span | SpanContext | None,
         attributes: dict[str, Any],
         start_ns: int,
+        activates: bool = True,
     ) -> None:
         self._handle = handle
+        self.activates = activates  # `with span:` makes it the thread's active span
+        self._ctx: SpanContext | None = None
         self.name = name
         self.kind = kind
         if parent is None:
@@ -110,7 +117,7 @@ class Span:
             self.parent: SpanContext | None = None
         elif isinstance(parent, Span):
             self.trace_id_int = parent.trace_id_int
-            self.parent = SpanContext(parent.trace_id_int, parent.span_id_int, False, _SAMPLED)
+            self.parent = parent.context
         elif isinstance(parent, SpanContext):
             self.trace_id_int = parent.trace_id
             self.parent = parent
@@ -136,7 +143,10 @@ class Span:
 
     @property
     def context(self) -> SpanContext:
-        return SpanContext(self.trace_id_int, self.span_id_int, False, _SAMPLED)
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = SpanContext(self.trace_id_int, self.span_id_int, False, _SAMPLED)
+        return ctx
 
     @property
     def ended(self) -> bool:
@@ -190,7 +200,7 @@ class Span:
         pipeline = self._handle._pipeline
         return ReadableSpan(
             name=self.name,
-            context=SpanContext(self.trace_id_int, self.span_id_int, False, _SAMPLED),
+            context=self.context,
             parent=self.parent,
             resource=pipeline.resource,
             attributes=self.attributes,
@@ -204,11 +214,13 @@ class Span:
 
     # -- context manager ---------------------------------------------------
     def __enter__(self) -> Span:
-        context.push(self)
+        if self.activates:
+            context.push(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        context.pop(self)
+        if self.activates:
+            context.pop(self)
         if exc_type is not None and self.status is _UNSET:
             self.set_error(f"{exc_type.__name__}: {exc}")
         self.end()
