@@ -186,7 +186,8 @@ class Ingest:
             Overloaded: the request's items do not fit in the queue (429).
             Unavailable: shutting down, not started, or the store is failing (503).
         """
-        items = int(decoded.accepted)
+        # Rows without an accepted item (should not happen) still take room in the queue.
+        items = max(int(decoded.accepted), 1 if decoded.rows else 0)
         pending = _Pending(decoded, items)
         if decoded.rows == 0:
             # Nothing to store (empty request, or everything rejected): no commit to wait for.

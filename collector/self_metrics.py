@@ -144,7 +144,7 @@ class SelfMetrics:
                 out.append(f"# TYPE {name} {kind}")
 
             for name, data, help_text in (
-                ("tailscope_ingest_received_items_total", self.received, "Spans, data points and log records decoded from accepted requests."),
+                ("tailscope_ingest_received_items_total", self.received, "Valid spans, data points and log records decoded from export requests (before queue admission)."),
                 ("tailscope_ingest_stored_items_total", self.stored, "Items durably committed to the store."),
                 ("tailscope_ingest_rejected_items_total", self.rejected, "Invalid items dropped inside otherwise accepted requests (OTLP partial success)."),
                 ("tailscope_ingest_truncated_values_total", self.truncated_values, "Attribute values cut to max_attribute_bytes."),
