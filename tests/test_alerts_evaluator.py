@@ -284,3 +284,23 @@ def test_analyzer_failure_is_counted_and_the_loop_survives(tmp_path: Path) -> No
         assert st["evaluation_errors"] >= 2 and "store is busy" in st["last_error"]
     finally:
         service.stop()
+
+
+def test_prune_drops_old_resolved_alerts_but_keeps_active_and_pending(h: Harness) -> None:
+    h.service.add_webhook("http://127.0.0.1:9/a")
+    h.source.items = [incident("old"), incident("busy", service="b"), incident("active", service="c")]
+    h.step()
+    h.source.items = [incident("old", open=False), incident("busy", service="b", open=False), incident("active", service="c")]
+    h.step(10)
+    h.step(130)
+    with h.service.sessions() as s:  # "old"'s deliveries went out; "busy" still has a pending one
+        for d in s.scalars(select(Delivery)):
+            if json.loads(d.body)["incident"]["id"] == "old":
+                d.status = "delivered"
+        s.commit()
+    states = {a["incident_id"]: a["state"] for a in h.service.list_alerts()}
+    assert states == {"old": "resolved", "busy": "resolved", "active": "open"}
+    out = h.service.evaluator.prune(h.now + dt.timedelta(seconds=1))
+    assert out["alerts"] == 1 and out["deliveries"] == 2
+    assert {a["incident_id"] for a in h.service.list_alerts()} == {"busy", "active"}
+    assert h.service.evaluator.prune(h.now - dt.timedelta(days=1)) == {"alerts": 0, "deliveries": 0}

@@ -27,10 +27,11 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from sqlalchemy import false, or_, select
+from sqlalchemy import delete, false, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +39,9 @@ from analyzer.alerts import formats
 from analyzer.alerts.models import Alert, Delivery, Rule, Silence, Webhook, utcnow
 
 log = logging.getLogger("tailscope.alerts.evaluator")
+
+PRUNE_EVERY_S = 3600.0
+"""How often old resolved alerts are pruned (when a retention is set)."""
 
 
 class IncidentSource(Protocol):
@@ -125,6 +129,7 @@ class Evaluator:
         base_url: returns the dashboard base URL for links (called at notification time).
         lookback_s: how far back incidents are fetched; must exceed ``hold_down_s``.
         on_enqueue: called after outbox rows were committed (wakes the sender).
+        keep_s: resolved alerts older than this are pruned hourly (None: kept forever).
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class Evaluator:
         lookback_s: float = 3600.0,
         on_enqueue: Callable[[], None] = lambda: None,
         clock: Callable[[], dt.datetime] = utcnow,
+        keep_s: float | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"alert interval must be > 0 s, got {interval_s}")
@@ -153,6 +159,7 @@ class Evaluator:
         self.base_url = base_url
         self.on_enqueue = on_enqueue
         self.clock = clock
+        self.keep = dt.timedelta(seconds=keep_s) if keep_s else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one evaluation at a time (timer vs. POST /evaluate)
@@ -176,6 +183,7 @@ class Evaluator:
             self._thread = None
 
     def _loop(self) -> None:
+        last_prune = 0.0
         while not self._stop.is_set():
             try:
                 self.evaluate()
@@ -183,7 +191,30 @@ class Evaluator:
                 self.errors += 1
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.exception("alert evaluation failed")
+            if self.keep is not None and time.monotonic() - last_prune >= PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                try:
+                    self.prune(self.clock() - self.keep)
+                except Exception:
+                    log.exception("pruning old alerts failed")
             self._stop.wait(self.interval_s)
+
+    def prune(self, before: dt.datetime) -> dict[str, int]:
+        """Delete alerts resolved before ``before`` (with their deliveries) and old test-sends.
+
+        Alerts with a delivery still pending are kept, whatever their age.
+        """
+        with self._lock, self.sessions() as s:
+            busy = select(Delivery.alert_id).where(Delivery.status == "pending", Delivery.alert_id.is_not(None))
+            old = select(Alert.id).where(Alert.state == "resolved", Alert.resolved_at < before, Alert.id.not_in(busy))
+            ids = list(s.scalars(old))
+            n_del = 0
+            if ids:
+                n_del += s.execute(delete(Delivery).where(Delivery.alert_id.in_(ids))).rowcount or 0
+                s.execute(delete(Alert).where(Alert.id.in_(ids)))
+            n_del += s.execute(delete(Delivery).where(Delivery.alert_id.is_(None), Delivery.created_at < before)).rowcount or 0
+            s.commit()
+        return {"alerts": len(ids), "deliveries": n_del}
 
     # --- one evaluation ---------------------------------------------------
     def fetch_incidents(self, now: dt.datetime) -> list[dict[str, Any]]:

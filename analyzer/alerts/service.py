@@ -82,6 +82,8 @@ class AlertService:
             lookback_s=max(3600.0, 4 * hold),
             base_url=self.base_url,
             on_enqueue=self.sender.wake,
+            # alerts outlive their telemetry no longer than --retention-hours (and never less than a day)
+            keep_s=max(86400.0, 3600.0 * config.retention_hours) if config.retention_hours else None,
         )
         self._started = False
         log.info("alerts: control database %s", redact_url(self.url))
