@@ -79,6 +79,11 @@ def render_page(pathname: str | None, search: str | None, *, analyzer: Any, stor
     return guarded(_render)
 
 
+def refreshes(pathname: str | None) -> bool:
+    """Whether auto-refresh re-renders this page (not the SQL console: it would wipe the editor)."""
+    return _relative(pathname).split("/")[0] != "sql"
+
+
 def _relative(pathname: str | None) -> str:
     path = pathname or PREFIX
     if path.startswith(PREFIX):
@@ -178,13 +183,31 @@ def build_dash(*, analyzer: Any, store: Any, config: Any) -> Dash:
         Input("tick", "n_intervals"),
     )
     def route(pathname: str | None, search: str | None, _ticks: int | None) -> tuple[Any, Any]:
+        if ctx.triggered_id == "tick" and not refreshes(pathname):
+            return no_update, no_update
         page = render_page(pathname, search, analyzer=analyzer, store=store, config=config)
         return page, nav_links(pathname, search)
+
+    @app.callback(Output("overview-slow", "children"), Input("overview-slow", "id"), State("url", "search"))
+    def overview_slow(_id: str, search: str | None) -> Any:
+        return overview_slow_callback(search, analyzer=analyzer, store=store, config=config)
 
     from dashboard.pages import sql_console
 
     sql_console.register(app, store, config)
     return app
+
+
+def overview_slow_callback(search: str | None, *, analyzer: Any, store: Any, config: Any, now: dt.datetime | None = None) -> Any:
+    """The overview's slowest-requests table, rendered after the rest of the page."""
+    from dashboard.pages import overview
+
+    def _render() -> Any:
+        state, params = parse_search(search)
+        page_ctx = PageContext(analyzer=analyzer, store=store, config=config, state=state, params=params, prefix=PREFIX, now=now)
+        return overview.slow_requests_table(page_ctx)
+
+    return guarded(_render)
 
 
 def sync_controls_callback(triggered: Any, search: str | None, rng: str | None, service: str | None, refresh: int | None, *, analyzer: Any) -> tuple[Any, ...]:

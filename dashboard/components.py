@@ -192,24 +192,41 @@ def section(title: str, *children: Any, id: str | None = None) -> html.Section:
     return html.Section([html.H3(title), *children], className="ts-section", **kwargs)
 
 
-def graph(figure: Any, *, id: str | None = None, height: int | None = None) -> dcc.Graph:
-    if height is not None:
-        figure.update_layout(height=height)
+def graph(figure: Any, *, id: str | None = None) -> dcc.Graph:
+    """A figure (a plotly Figure or a plain figure dict) in a responsive graph."""
     kwargs = {"id": id} if id else {}
     return dcc.Graph(figure=figure, config={"displaylogo": False, "responsive": True}, className="ts-graph", **kwargs)
 
 
+GRID = "#e9edf2"
+
+
+def figure_style(title: str | None = None, height: int = 320) -> dict[str, Any]:
+    """A calm shared look for every figure (white, thin grid, legend on top), as layout keys.
+
+    Uses the empty ``none`` template plus these few keys rather than
+    ``plotly_white``: applying a full template costs tens of milliseconds per
+    figure, which adds up on pages with many figures.
+    """
+    return {
+        "template": "none",
+        "height": height,
+        "margin": {"l": 56, "r": 24, "t": 48 if title else 20, "b": 40},
+        "title": {"text": title, "x": 0.01, "font": {"size": 14}} if title else None,
+        "legend": {"orientation": "h", "y": 1.12, "x": 0, "font": {"size": 11}},
+        "font": {"family": "Inter, system-ui, -apple-system, Segoe UI, sans-serif", "size": 12, "color": "#2a3f5f"},
+        "hoverlabel": {"font": {"size": 11}},
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "hovermode": "closest",
+    }
+
+
 def base_figure_layout(fig: Any, *, title: str | None = None, height: int = 320) -> Any:
-    """A calm shared look for every figure (white, thin grid, legend on top)."""
-    fig.update_layout(
-        template="plotly_white",
-        height=height,
-        margin={"l": 56, "r": 24, "t": 48 if title else 20, "b": 40},
-        title={"text": title, "x": 0.01, "font": {"size": 14}} if title else None,
-        legend={"orientation": "h", "y": 1.12, "x": 0, "font": {"size": 11}},
-        font={"family": "Inter, system-ui, -apple-system, Segoe UI, sans-serif", "size": 12},
-        hoverlabel={"font": {"size": 11}},
-    )
+    """Apply :func:`figure_style` to a plotly Figure (grid lines on every axis)."""
+    fig.update_layout(**figure_style(title, height))
+    fig.update_xaxes(gridcolor=GRID, zeroline=False, showline=False, automargin=True)
+    fig.update_yaxes(gridcolor=GRID, zeroline=False, showline=False, automargin=True)
     return fig
 
 

@@ -237,6 +237,36 @@ def compile_events(store: "Store", start: dt.datetime, end: dt.datetime, service
     )
 
 
+def longest_compiles(store: "Store", start: dt.datetime, end: dt.datetime, service: str | None, limit: int = 20) -> list[dict[str, Any]]:
+    """The longest compile stalls, each with the slowest request it overlapped on its replica."""
+    params: list[Any] = [_naive(start), _naive(end)]
+    svc = _service_clause(service, params)
+    params.append(limit)
+    return _rows(
+        store,
+        f"""
+        WITH c AS (
+            SELECT span_id, start_time, end_time, duration_ms, service_name, service_instance_id, compile_kind, compile_shape
+            FROM spans WHERE role = 'compile' AND start_time >= ? AND start_time < ?{svc}
+            ORDER BY duration_ms DESC LIMIT ?
+        ), r AS (
+            SELECT trace_id, service_instance_id, start_time, end_time, {LATENCY_MS} AS latency_ms FROM spans
+            WHERE {REQUEST_PREDICATE}
+              AND start_time >= (SELECT min(start_time) FROM c) - INTERVAL 10 MINUTE
+              AND start_time <= (SELECT max(end_time) FROM c)
+              AND service_instance_id IN (SELECT service_instance_id FROM c)
+        )
+        SELECT c.span_id, c.start_time, c.duration_ms, c.service_instance_id, c.compile_kind, c.compile_shape,
+               count(r.trace_id) AS requests_overlapped, arg_max(r.trace_id, r.latency_ms) AS worst_trace,
+               max(r.latency_ms) AS worst_ms
+        FROM c LEFT JOIN r ON r.service_instance_id = c.service_instance_id
+                          AND r.start_time < c.end_time AND r.end_time > c.start_time
+        GROUP BY ALL ORDER BY c.duration_ms DESC
+        """,
+        params,
+    )
+
+
 def compile_reasons(store: "Store", start: dt.datetime, end: dt.datetime, service: str | None) -> list[dict[str, Any]]:
     params: list[Any] = [_naive(start), _naive(end)]
     svc = _service_clause(service, params)

@@ -117,7 +117,7 @@ def tab(context: Any) -> Iterator[_Page]:
 
 
 def _window(sc: Scenario) -> str:
-    start = sc.now - dt.timedelta(minutes=50)
+    start = sc.now - dt.timedelta(minutes=35)
     end = sc.now + dt.timedelta(minutes=1)
     return f"?start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
 

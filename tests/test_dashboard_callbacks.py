@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
+import plotly.graph_objects as go
 import pytest
 
 from test_dashboard_scenario import Scenario, send_scenario, wait_ingested
@@ -105,7 +106,7 @@ def errors(component: Any) -> list[str]:
 
 
 def window_search(sc: Scenario) -> str:
-    start = sc.now - dt.timedelta(minutes=50)
+    start = sc.now - dt.timedelta(minutes=35)
     end = sc.now + dt.timedelta(minutes=1)
     return f"?start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
 
@@ -143,7 +144,13 @@ def test_overview_shows_the_incident_and_its_cause(parts: dict[str, Any], filled
     assert bands, "no incident band"
     incident_links = [h for h in hrefs(page) if "/dashboard/incident/" in h]
     assert incident_links and all("start=" in h for h in incident_links), incident_links
-    assert any("/dashboard/request/" in h for h in hrefs(page))
+    # The slowest requests come in a second callback (the costly query), with links.
+    from dashboard.app import overview_slow_callback
+
+    slow = overview_slow_callback(window_search(sc), **parts)
+    assert errors(slow) == []
+    linked = {h.split("/dashboard/request/")[1].split("?")[0] for h in hrefs(slow) if "/dashboard/request/" in h}
+    assert linked & set(sc.stalled_traces)
 
 
 def test_incident_page_explains_with_evidence(parts: dict[str, Any], filled: Any) -> None:
@@ -194,7 +201,7 @@ def test_gpus_page_decodes_clock_reasons(parts: dict[str, Any], filled: Any) -> 
     shown = " ".join(texts(page))
     assert "SW power cap" in shown and "0x4" in shown
     assert "4101" in shown and "4201" in shown  # per-process rows
-    fig = by_id(page, "gpu-gpu-node-1-0").figure
+    fig = go.Figure(by_id(page, "gpu-gpu-node-1-0").figure)  # a plain dict on this page; validate it
     names = {t.name for t in fig.data}
     assert {"utilisation", "SM clock", "SM clock max", "power", "power limit", "temperature", "memory used"} <= names
     clock = next(t for t in fig.data if t.name == "SM clock")
@@ -210,6 +217,9 @@ def test_shapes_page_lists_compiles_and_reasons(parts: dict[str, Any], filled: A
     assert "size mismatch at index 1" in shown
     events = by_id(page, "compile-events").figure
     assert sum(len(t.x) for t in events.data) == sc.compiles
+    # The longest stalls link to the slowest request each one stalled.
+    linked = {h.split("/dashboard/request/")[1].split("?")[0] for h in hrefs(by_id(page, "compile-longest"))}
+    assert linked and linked <= set(sc.stalled_traces)
     dist = by_id(page, "shape-distribution").figure
     assert {t.name for t in dist.data} >= {"padded shape the kernels ran", "input length (tokens)"}
 
@@ -335,6 +345,13 @@ def test_bad_links_give_one_line(parts: dict[str, Any], search: str, message: st
     page = render(parts, "/dashboard/gpus", search)
     (line,) = errors(page)
     assert message in line
+
+
+def test_auto_refresh_spares_the_sql_console() -> None:
+    from dashboard.app import refreshes
+
+    assert refreshes("/dashboard/") and refreshes("/dashboard/gpus") and refreshes("/dashboard/incident/x")
+    assert not refreshes("/dashboard/sql")
 
 
 def test_unknown_page(parts: dict[str, Any]) -> None:

@@ -1,12 +1,12 @@
 """A small, realistic scenario sent through the real OTLP ingest, for the dashboard tests.
 
-Two services on two GPU nodes over the last ~45 minutes, plus three days of
+Two services on two GPU nodes over the last 30 minutes, plus three days of
 light background traffic (for the hour-of-day page):
 
 * ``chat-api`` on ``replica-1`` (gpu-node-1 GPU 0) and ``replica-2``
-  (gpu-node-1 GPU 1): request spans with queue/prefill/decode children,
+  (gpu-node-1 GPU 1), 2.2 requests/s each: request spans with queue/prefill/decode children,
   batch spans linked to their members, KV-eviction log records.
-* Between ``now - 22 min`` and ``now - 16 min`` replica-2 sees new input
+* Between ``now - 16 min`` and ``now - 10 min`` replica-2 sees new input
   lengths and recompiles (torch.compile guard failures, 2.5–4 s each); every
   request that arrives on replica-2 while a compile runs is stalled behind it.
   That is the incident the pages must show, with cause ``compile_miss``.
@@ -32,9 +32,10 @@ from typing import Any
 
 import httpx
 
-INCIDENT_START_MIN = 22  # minutes before now
-INCIDENT_END_MIN = 16
-RECENT_MIN = 45
+INCIDENT_START_MIN = 16  # minutes before now
+INCIDENT_END_MIN = 10
+RECENT_MIN = 30
+CHAT_RATE = 2.2  # requests/s per chat-api replica: >100 per minute window, as spike detection needs
 BACKGROUND_DAYS = 3
 GPU_STEP_S = 15
 
@@ -132,7 +133,7 @@ def _send_gpu_metrics(url: str, now: dt.datetime, sc: Scenario) -> None:
     rng = random.Random(7)
     gpus = [("gpu-node-1", 0, 4101), ("gpu-node-1", 1, 4102), ("gpu-node-2", 0, 4201)]
     start = now - dt.timedelta(minutes=RECENT_MIN)
-    throttle_a, throttle_b = now - dt.timedelta(minutes=38), now - dt.timedelta(minutes=35)
+    throttle_a, throttle_b = now - dt.timedelta(minutes=27), now - dt.timedelta(minutes=24)
     for host, index, pid in gpus:
         series: dict[str, list[tuple[dt.datetime, float, dict[str, Any]]]] = {}
         t = start
@@ -290,7 +291,7 @@ def send_scenario(url: str, now: dt.datetime | None = None) -> Scenario:
             members = []
             for _ in range(size):
                 members.append(request(tracer, "chat-api", instance, host, gpu, t, batch_state=state))
-                t += dt.timedelta(seconds=rng.expovariate(0.55))
+                t += dt.timedelta(seconds=rng.expovariate(CHAT_RATE))
             b_start = members[0][0].start_time
             b_end = max(m[1] for m in members)
             lengths = [m[2] for m in members]

@@ -11,43 +11,57 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import plotly.graph_objects as go
 from dash import html
-from plotly.subplots import make_subplots
 
 from dashboard import queries
-from dashboard.components import base_figure_layout, fmt_time, graph, section, table, to_datetime
+from dashboard.components import GRID, figure_style, fmt_time, graph, section, table, to_datetime
 from dashboard.context import PageContext
 
 MAX_GPUS = 16
 GIB = 1024**3
 
 
-def gpu_figure(host: str, index: Any, name: str | None, series: dict[str, list[dict[str, Any]]]) -> go.Figure:
-    """Five stacked panels sharing the time axis; limits drawn dashed."""
-    fig = make_subplots(
-        rows=5,
-        cols=1,
-        shared_xaxes=True,
-        vertical_spacing=0.045,
-        subplot_titles=("utilisation", "memory (GiB)", "SM clock (MHz)", "power (W)", "temperature (°C)"),
-    )
+PANELS = ("utilisation", "memory (GiB)", "SM clock (MHz)", "power (W)", "temperature (°C)")
 
-    def line(metric: str, row: int, label: str, color: str, scale: float = 1.0, dash: str | None = None) -> None:
+
+def gpu_figure(host: str, index: Any, name: str | None, series: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Five stacked panels sharing the time axis; limits drawn dotted.
+
+    Built as a plain figure dict: a page with many GPUs would otherwise spend
+    most of its time in plotly's per-property validation, not in the query.
+    """
+    rows = len(PANELS)
+    gap = 0.045
+    height = (1.0 - gap * (rows - 1)) / rows
+    layout: dict[str, Any] = {
+        **figure_style(f"{host} · GPU {index}" + (f" · {name}" if name else ""), 620),
+        "showlegend": False,
+        "annotations": [],
+        "xaxis": {"anchor": f"y{rows}", "type": "date", "gridcolor": GRID, "showline": False},
+    }
+    for i, title in enumerate(PANELS):
+        axis = "yaxis" if i == 0 else f"yaxis{i + 1}"
+        top = 1.0 - i * (height + gap)
+        layout[axis] = {"domain": [round(max(0.0, top - height), 4), round(min(1.0, top), 4)], "anchor": "x", "gridcolor": GRID, "zeroline": False, "rangemode": "tozero" if 0 < i < 4 else "normal"}
+        layout["annotations"].append({"text": title, "xref": "paper", "yref": "paper", "x": 0, "y": top, "xanchor": "left", "yanchor": "bottom", "showarrow": False, "font": {"size": 11}})
+    layout["yaxis"].update({"tickformat": ".0%", "range": [0, 1.05]})
+    data: list[dict[str, Any]] = []
+
+    def line(metric: str, row: int, label: str, color: str, scale: float = 1.0, dash: str = "solid") -> None:
         pts = series.get(metric) or []
         if not pts:
             return
-        fig.add_trace(
-            go.Scatter(
-                x=[to_datetime(p["t"]) for p in pts],
-                y=[(p["mean"] or 0) * scale for p in pts],
-                name=label,
-                mode="lines",
-                line={"color": color, "width": 1.6, "dash": dash},
-                legendgroup=label,
-            ),
-            row=row,
-            col=1,
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": label,
+                "x": [to_datetime(p["t"]) for p in pts],
+                "y": [(p["mean"] or 0) * scale for p in pts],
+                "line": {"color": color, "width": 1.6, "dash": dash},
+                "xaxis": "x",
+                "yaxis": "y" if row == 1 else f"y{row}",
+            }
         )
 
     line("tailscope.gpu.utilization", 1, "utilisation", "#1f77b4")
@@ -58,16 +72,7 @@ def gpu_figure(host: str, index: Any, name: str | None, series: dict[str, list[d
     line("tailscope.gpu.power", 4, "power", "#ff7f0e")
     line("tailscope.gpu.power.limit", 4, "power limit", "#ff7f0e", 1.0, "dot")
     line("tailscope.gpu.temperature", 5, "temperature", "#d62728")
-    base_figure_layout(fig, title=f"{host} · GPU {index}" + (f" · {name}" if name else ""), height=620)
-    fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=1, col=1)
-    for row in (2, 3, 4):  # from zero, so a clock dip or a power cap reads at its true size
-        fig.update_yaxes(rangemode="tozero", row=row, col=1)
-    fig.update_layout(showlegend=False)
-    for ann in fig.layout.annotations:
-        ann.font.size = 11
-        ann.x = 0.0
-        ann.xanchor = "left"
-    return fig
+    return {"data": data, "layout": layout}
 
 
 def render(ctx: PageContext) -> Any:

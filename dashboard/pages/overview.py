@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import plotly.graph_objects as go
-from dash import html
+from dash import dcc, html
 from plotly.subplots import make_subplots
 
 from dashboard.components import (
@@ -149,18 +149,6 @@ def render(ctx: PageContext) -> Any:
                 ),
             ]
         )
-    slow = ctx.analyzer.slow_requests(service=ctx.state.service, start=start, end=end, limit=10).get("requests", [])
-    slow_rows = [
-        [
-            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"]), className="ts-link request-link"),
-            r.get("service") or "–",
-            fmt_time(r.get("start")),
-            fmt_ms(r.get("latency_ms")),
-            fmt_ms(r.get("excess_ms")),
-            ", ".join(f"{cause_label(c['cause'])} {fmt_pct(c.get('share'))}" for c in (r.get("causes") or [])[:3]) or "–",
-        ]
-        for r in slow
-    ]
     return html.Div(
         [
             html.H2("Overview"),
@@ -190,8 +178,28 @@ def render(ctx: PageContext) -> Any:
             ),
             section(
                 "Slowest requests (most excess first)",
-                table(["trace", "service", "start", "latency", "excess", "causes"], slow_rows, empty="no slow requests in this range"),
+                # Filled by its own callback once the page is shown: finding the
+                # slowest requests over a long range is the costliest query here.
+                dcc.Loading(html.Div(html.Div("finding the slowest requests…", className="ts-muted"), id="overview-slow"), type="dot"),
                 id="slow-requests",
             ),
         ]
     )
+
+
+def slow_requests_table(ctx: PageContext, limit: int = 10) -> Any:
+    """The range's slowest requests (most excess first), with links to their pages."""
+    start, end = ctx.window
+    slow = ctx.analyzer.slow_requests(service=ctx.state.service, start=start, end=end, limit=limit).get("requests", [])
+    rows = [
+        [
+            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"]), className="ts-link request-link"),
+            r.get("service") or "–",
+            fmt_time(r.get("start")),
+            fmt_ms(r.get("latency_ms")),
+            fmt_ms(r.get("excess_ms")),
+            ", ".join(f"{cause_label(c['cause'])} {fmt_pct(c.get('share'))}" for c in (r.get("causes") or [])[:3]) or "–",
+        ]
+        for r in slow
+    ]
+    return table(["trace", "service", "start", "latency", "excess", "causes"], rows, empty="no slow requests in this range")

@@ -130,6 +130,7 @@ def render(ctx: PageContext) -> Any:
         [r["kind"], html.Code(r["reason"][:300]), str(r["compiles"]), str(r["shapes"]), fmt_ms(r["total_ms"]), fmt_ms(r["max_ms"])]
         for r in reasons
     ]
+    longest = queries.longest_compiles(ctx.store, start, end, service)
     recent = [
         [
             fmt_time(e["start_time"]),
@@ -137,9 +138,10 @@ def render(ctx: PageContext) -> Any:
             e.get("compile_kind") or "–",
             e.get("compile_shape") or "–",
             fmt_ms(e["duration_ms"]),
-            link("request", ctx.request_href(e["trace_id"]), className="ts-link request-link") if e.get("trace_id") else "–",
+            str(e["requests_overlapped"]),
+            link(f"{e['worst_trace'][:12]}… ({fmt_ms(e['worst_ms'])})", ctx.request_href(e["worst_trace"]), className="ts-link request-link") if e.get("worst_trace") else "–",
         ]
-        for e in sorted(events, key=lambda e: e["duration_ms"] or 0, reverse=True)[:20]
+        for e in longest
     ]
     return html.Div(
         [
@@ -181,6 +183,6 @@ def render(ctx: PageContext) -> Any:
                 table(["kind", "reason", "compiles", "shapes", "total stall", "longest"], reason_rows, empty="no compile events in this range"),
                 id="compile-reasons",
             ),
-            section("Longest compile stalls", table(["start", "replica", "kind", "shape", "stall", "trace"], recent, empty="none"), id="compile-longest"),
+            section("Longest compile stalls", table(["start", "replica", "kind", "shape", "stall", "requests stalled", "slowest of them"], recent, empty="none"), id="compile-longest"),
         ]
     )
