@@ -152,6 +152,7 @@ class Lab:
         doc = {
             "scenario": scn.name,
             "description": scn.description,
+            "sources": scn.sources,
             "service": scn.service,
             "start": iso(base_epoch),
             "end": iso(base_epoch + scn.duration),
@@ -251,7 +252,7 @@ def run_scenarios(
                 say(f"time budget spent: skipping {', '.join(s.name for s in scns[k - 1:])}")
                 break
             current[0] = f"[{k}/{len(scns)}] {scn.name}"
-            say(f"{current[0]}: {len(scn.requests)} requests, {scn.description}")
+            say(f"{current[0]}: {len(scn.requests)} requests, {scn.description} (driven by {'; '.join(scn.sources)})")
             results.append(lab.run(scn, endpoint, epoch, out_dir, token))
             r = results[-1]
             say(f"{current[0]}: done in {r.wall_s:.1f} s: {r.requests} requests sent, {r.labelled_slow} labelled slow, {r.compiles} compiles")

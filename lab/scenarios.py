@@ -20,9 +20,9 @@ from lab.loadgen import (
     OUTPUT_MAX,
     PROMPT_MAX,
     LengthSampler,
-    azure_rows,
+    azure_or_synthetic,
     diurnal,
-    mooncake_rows,
+    mooncake_or_synthetic,
     poisson,
 )
 from lab.provider import Provider
@@ -65,6 +65,7 @@ class Scenario:
     provider: Provider | None = None  # set: a gateway service whose requests call the provider
     start_local: tuple[str, int] = ("UTC", 10)  # (time zone, hour) the scenario's virtual time 0 falls on
     model: str = "tiny-lm"
+    sources: list[str] = field(default_factory=list)  # the traces (or stand-ins) that drove it
 
     @property
     def causes(self) -> set[str]:
@@ -148,7 +149,8 @@ BASE_RATE = 2.2  # requests per second per replica
 
 def _base(seed: int, data_dir: Path | None, replicas: int = 2, rate: float = BASE_RATE, duration: float = DURATION) -> tuple[random.Random, LengthSampler, Sessions, list[Request]]:
     rng = random.Random(seed)
-    sampler = LengthSampler(azure_rows(data_dir))
+    rows, _ = azure_or_synthetic(data_dir)
+    sampler = LengthSampler(rows)
     sessions = Sessions(24 * replicas, rng)
     times = poisson(rate * replicas, 0.0, duration, rng)
     return rng, sampler, sessions, chat_requests(times, replicas, rng, sampler, sessions)
@@ -173,7 +175,7 @@ def compile_miss(seed: int = 2, data_dir: Path | None = None, window: Window = W
 
 def kv_eviction(seed: int = 3, data_dir: Path | None = None, window: Window = WINDOW, replica: int = 0, squeezed_blocks: int = 200) -> Scenario:
     """Driven by the Mooncake trace: its arrivals (sped up), lengths and prefix-block hashes."""
-    rows = mooncake_rows(data_dir)
+    rows, source = mooncake_or_synthetic(data_dir)
     span = rows[-1][0] or 1.0
     speed = span / DURATION
     reqs: list[Request] = []
@@ -258,7 +260,7 @@ def cold_start(seed: int = 8, data_dir: Path | None = None, at: float = 300.0, r
 def provider_load(seed: int = 9, data_dir: Path | None = None) -> Scenario:
     """A gateway whose requests call an upstream provider in New York, over 24 virtual hours (diurnal arrivals)."""
     rng = random.Random(seed)
-    sampler = LengthSampler(azure_rows(data_dir))
+    sampler = LengthSampler(azure_or_synthetic(data_dir)[0])
     provider = Provider()
     duration = 24 * 3600.0
     times = diurnal(6 / 60, 0.4, 24 * 3600.0, 0.0, duration, rng, phase_s=6 * 3600.0)
@@ -327,4 +329,10 @@ def build(name: str, data_dir: Path | None = None, **kw: object) -> Scenario:
         factory = CATALOG[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(CATALOG)}") from None
-    return factory(data_dir=data_dir, **kw)
+    scn = factory(data_dir=data_dir, **kw)
+    if not scn.sources:
+        if name == "kv_eviction":
+            scn.sources.append(mooncake_or_synthetic(data_dir)[1])
+        else:
+            scn.sources.append(azure_or_synthetic(data_dir)[1])
+    return scn
