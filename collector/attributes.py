@@ -190,9 +190,10 @@ def json_value(v: Any, limit: int, trunc: Counter, depth: int = 0) -> Any:
         if name in ("stringValue", "string_value"):
             if type(x) is not str:
                 raise BadPayload(f"stringValue must be a string, got {type(x).__name__}")
-            s, cut = truncate_str(x, limit)
-            trunc.n += cut
-            return s
+            if len(x) * 4 > limit:
+                x, cut = truncate_str(x, limit)
+                trunc.n += cut
+            return x
         if name in ("intValue", "int_value"):
             i = json_int(x, "intValue")
             if not _INT64_MIN <= i <= _INT64_MAX:
@@ -252,7 +253,40 @@ def json_attrs(kvs: Any, limit: int, trunc: Counter, what: str = "attributes") -
         return []
     if type(kvs) is not list:
         raise BadPayload(f"{what} must be a list of key/value objects")
-    return [json_kv(kv, limit, trunc) for kv in kvs]
+    out: list[tuple[str, Any]] = []
+    append = out.append
+    short = limit // 4  # strings this long cannot be over the limit in UTF-8
+    for kv in kvs:
+        # fast path: {"key": str, "value": {one scalar member}} with nothing to cut
+        if type(kv) is dict:
+            key = kv.get("key")
+            v = kv.get("value")
+            if type(key) is str and len(key) <= short and type(v) is dict and len(v) == 1:
+                (name, x), = v.items()
+                tx = type(x)
+                if name == "stringValue":
+                    if tx is str and len(x) <= short:
+                        append((key, x))
+                        continue
+                elif name == "intValue":
+                    if tx is str and x.isascii() and x.lstrip("-").isdigit():
+                        i = int(x)
+                        if _INT64_MIN <= i <= _INT64_MAX:
+                            append((key, i))
+                            continue
+                    elif tx is int and _INT64_MIN <= x <= _INT64_MAX:
+                        append((key, x))
+                        continue
+                elif name == "doubleValue":
+                    if tx is float or tx is int:
+                        append((key, float(x)))
+                        continue
+                elif name == "boolValue":
+                    if tx is bool:
+                        append((key, x))
+                        continue
+        append(json_kv(kv, limit, trunc))  # everything else, with its checks and messages
+    return out
 
 
 # ------------------------------------------------------------- protobuf KeyValue bytes
@@ -370,6 +404,7 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
 # value types of an entry
 _NULL, _STR, _INT, _FLT, _BOOL, _OTHER = 0, 1, 2, 3, 4, 5
 _KIND_CODE = {"str": _STR, "int": _INT, "float": _FLT}
+_TYPE_CODE = {str: _STR, int: _INT, float: _FLT, bool: _BOOL, type(None): _NULL}
 _NEEDS_ESCAPE = '["\\\\\\x00-\\x1f]'  # characters a JSON string must escape
 
 
@@ -393,30 +428,15 @@ class Values:
 
     @classmethod
     def from_python(cls, values: Sequence[Any]) -> "Values":
-        n = len(values)
-        vtype = np.zeros(n, dtype=np.int8)
-        ival = np.zeros(n, dtype=np.int64)
-        fval = np.zeros(n, dtype=np.float64)
-        bval = np.zeros(n, dtype=bool)
-        strs: list[str | None] = [None] * n
-        other: dict[int, Any] = {}
-        for i, v in enumerate(values):
-            t = type(v)
-            if t is str:
-                vtype[i] = _STR
-                strs[i] = v
-            elif t is int:
-                vtype[i] = _INT
-                ival[i] = v
-            elif t is float:
-                vtype[i] = _FLT
-                fval[i] = v
-            elif t is bool:
-                vtype[i] = _BOOL
-                bval[i] = v
-            elif v is not None:
-                vtype[i] = _OTHER
-                other[i] = v
+        codes = [_TYPE_CODE.get(type(v), _OTHER) for v in values]
+        present = set(codes)
+        n = len(codes)
+        vtype = np.array(codes, dtype=np.int8) if n else np.zeros(0, dtype=np.int8)
+        strs = [v if c == _STR else None for v, c in zip(values, codes)] if _STR in present else [None] * n
+        ival = np.array([v if c == _INT else 0 for v, c in zip(values, codes)], dtype=np.int64) if _INT in present else np.zeros(n, dtype=np.int64)
+        fval = np.array([v if c == _FLT else 0.0 for v, c in zip(values, codes)], dtype=np.float64) if _FLT in present else np.zeros(n)
+        bval = np.array([v if c == _BOOL else False for v, c in zip(values, codes)], dtype=bool) if _BOOL in present else np.zeros(n, dtype=bool)
+        other = {i: v for i, (v, c) in enumerate(zip(values, codes)) if c == _OTHER} if _OTHER in present else {}
         return cls(vtype, pa.array(strs, pa.string()), ival, fval, bval, other)
 
     def patch(self, at: Sequence[int], values: Sequence[Any]) -> None:

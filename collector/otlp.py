@@ -142,6 +142,8 @@ def decode(signal: str, body: bytes, content_type: str | None, *, max_attribute_
         BadPayload: the body is not a valid OTLP request of that signal.
     """
     _check_signal(signal)
+    if not isinstance(body, bytes):
+        body = bytes(body)  # bytearray / memoryview from a transport
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media == PROTOBUF:
         from google.protobuf.message import DecodeError

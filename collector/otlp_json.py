@@ -134,7 +134,12 @@ def _time(d: dict[str, Any], camel: str, snake: str, what: str) -> int:
     v = _get(d, camel, snake)
     if v is None:
         return 0
-    x = A.json_int(v, f"{what}.{camel}")
+    if type(v) is str and v.isascii() and v.isdigit():
+        x = int(v)
+    elif type(v) is int:
+        x = v
+    else:
+        x = A.json_int(v, f"{what}.{camel}")
     return x if 0 <= x <= O._U64_MAX else 0
 
 
@@ -218,38 +223,53 @@ def _traces(doc: dict[str, Any], limit: int) -> Decoded:
             scope = _scope_name(ss, w2)
             spans = _list(ss, "spans", "spans", w2)
             for k, s in enumerate(spans):
-                w3 = f"{w2}.spans[{k}]"
-                s = _obj(s, w3)
-                b.tids.append(_hexid(_get(s, "traceId", "trace_id"), 16, f"{w3}.traceId"))
-                b.sids.append(_hexid(_get(s, "spanId", "span_id"), 8, f"{w3}.spanId"))
-                b.pids.append(_hexid(_get(s, "parentSpanId", "parent_span_id"), 8, f"{w3}.parentSpanId"))
-                b.names.append(_cut(_str(s, "name", "name", w3), limit, trunc))
-                b.kinds.append(_enum(s, "kind", "kind", _SPAN_KINDS, w3))
-                b.starts.append(_time(s, "startTimeUnixNano", "start_time_unix_nano", w3))
-                b.ends.append(_time(s, "endTimeUnixNano", "end_time_unix_nano", w3))
-                st = _opt_obj(s, "status", "status", w3)
-                b.scodes.append(_enum(st, "code", "code", _STATUS, f"{w3}.status"))
-                msg = _str(st, "message", "message", f"{w3}.status")
-                b.smsgs.append(_cut(msg, limit, trunc) if msg else None)
-                _attrs(b.attrs, s, limit, trunc, w3)
-                si = len(b.tids) - 1
-                for e, ev in enumerate(_list(s, "events", "events", w3)):
-                    we = f"{w3}.events[{e}]"
-                    ev = _obj(ev, we)
-                    b.ev_span.append(si)
-                    b.ev_time.append(_time(ev, "timeUnixNano", "time_unix_nano", we))
-                    b.ev_name.append(_cut(_str(ev, "name", "name", we), limit, trunc))
-                    _attrs(b.ev_attrs, ev, limit, trunc, we)
-                for e, ln in enumerate(_list(s, "links", "links", w3)):
-                    wl = f"{w3}.links[{e}]"
-                    ln = _obj(ln, wl)
-                    b.ln_span.append(si)
-                    b.ln_tid.append(_hexid(_get(ln, "traceId", "trace_id"), 16, f"{wl}.traceId"))
-                    b.ln_sid.append(_hexid(_get(ln, "spanId", "span_id"), 8, f"{wl}.spanId"))
-                    _attrs(b.ln_attrs, ln, limit, trunc, wl)
+                try:
+                    _span(b, s, limit, trunc)
+                except BadPayload as exc:  # say where, without formatting paths for every span
+                    raise BadPayload(f"{w2}.spans[{k}]: {exc.message}") from None
             b.scopes.extend([scope] * len(spans))
             b.res_idx.extend([ri] * len(spans))
     return b.finish(limit)
+
+
+def _span(b: O.SpanBatch, s: Any, limit: int, trunc: A.Counter) -> None:
+    s = _obj(s, "span")
+    b.tids.append(_hexid(_get(s, "traceId", "trace_id"), 16, "traceId"))
+    b.sids.append(_hexid(_get(s, "spanId", "span_id"), 8, "spanId"))
+    b.pids.append(_hexid(_get(s, "parentSpanId", "parent_span_id"), 8, "parentSpanId"))
+    b.names.append(_cut(_str(s, "name", "name", "span"), limit, trunc))
+    b.kinds.append(_enum(s, "kind", "kind", _SPAN_KINDS, "span"))
+    b.starts.append(_time(s, "startTimeUnixNano", "start_time_unix_nano", "span"))
+    b.ends.append(_time(s, "endTimeUnixNano", "end_time_unix_nano", "span"))
+    st = s.get("status")
+    if st is None:
+        b.scodes.append(0)
+        b.smsgs.append(None)
+    else:
+        st = _obj(st, "span.status")
+        b.scodes.append(_enum(st, "code", "code", _STATUS, "span.status"))
+        msg = _str(st, "message", "message", "span.status")
+        b.smsgs.append(_cut(msg, limit, trunc) if msg else None)
+    _attrs(b.attrs, s, limit, trunc, "span")
+    si = len(b.tids) - 1
+    events = s.get("events")
+    if events is not None:
+        for e, ev in enumerate(_list(s, "events", "events", "span")):
+            we = f"events[{e}]"
+            ev = _obj(ev, we)
+            b.ev_span.append(si)
+            b.ev_time.append(_time(ev, "timeUnixNano", "time_unix_nano", we))
+            b.ev_name.append(_cut(_str(ev, "name", "name", we), limit, trunc))
+            _attrs(b.ev_attrs, ev, limit, trunc, we)
+    links = s.get("links")
+    if links is not None:
+        for e, ln in enumerate(_list(s, "links", "links", "span")):
+            wl = f"links[{e}]"
+            ln = _obj(ln, wl)
+            b.ln_span.append(si)
+            b.ln_tid.append(_hexid(_get(ln, "traceId", "trace_id"), 16, f"{wl}.traceId"))
+            b.ln_sid.append(_hexid(_get(ln, "spanId", "span_id"), 8, f"{wl}.spanId"))
+            _attrs(b.ln_attrs, ln, limit, trunc, wl)
 
 
 # ---------------------------------------------------------------------- logs
