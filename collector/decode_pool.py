@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
@@ -62,7 +63,7 @@ class DecodePool:
                     ctx = multiprocessing.get_context("forkserver")
                     self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
                 else:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tailscope-decode")
+                    self._pool = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="tailscope-decode")
             return self._pool
 
     def start(self) -> None:
