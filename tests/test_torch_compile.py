@@ -313,3 +313,28 @@ def test_watcher_unhooks_torch_when_the_last_handle_shuts_down(make_server):
 
     w = compile_events.watcher()
     assert w._on_start not in callback_handler.start_callbacks
+
+
+def test_torch_set_logs_after_instrument_still_records(make_server, handles):
+    """``torch._logging.set_logs`` resets torch's logger levels; polling still finds the records."""
+    srv = make_server()
+    h = handles(service="tiny-api", endpoint=srv.url, instance_id="replica-6")
+    torch._logging.set_logs(dynamo=logging.WARNING)
+    try:
+        model = torch.compile(Tiny(), backend="eager", dynamic=False)
+        with h.request() as a:
+            model(torch.randn(1, 3, 16))
+        with h.request() as b:
+            model(torch.randn(1, 6, 16))
+        assert h.flush(10)
+    finally:
+        torch._logging.set_logs()
+    rows = wait_rows(
+        srv,
+        "SELECT parent_span_id, compile_kind, compile_shape FROM spans WHERE role = 'compile' ORDER BY start_time",
+        lambda r: len(r) >= 2,
+    )
+    assert [(r[0], r[1], json.loads(r[2])) for r in rows] == [
+        (a.span_id, "first", [1, 3, 16]),
+        (b.span_id, "recompile", [1, 6, 16]),
+    ]
