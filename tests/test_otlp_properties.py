@@ -143,7 +143,7 @@ def _otlp_shaped(signal: str) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({list_key: _mostly(st.lists(resource, max_size=2))})
 
 
-@FAST
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_otlp_shaped_json_with_random_leaves(data: st.DataObject) -> None:
     signal = data.draw(st.sampled_from(SIGNALS))
