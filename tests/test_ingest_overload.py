@@ -93,3 +93,14 @@ def test_many_senders_against_a_tiny_queue_lose_nothing(make_server):
     stored = [r[0] for r in srv.sql("SELECT span_id FROM spans")]
     assert len(stored) == len(set(stored))
     assert set(stored) == set(acked)
+
+
+def test_shutting_down_answers_503_with_retry_after(make_server):
+    srv = make_server(retry_after_s=4)
+    req, ids = request_spans(10)
+    assert httpx.post(srv.url + "/v1/traces", content=req.SerializeToString(), headers=PB, timeout=30).status_code == 200
+    srv.server.parts["ingest"].stop()  # what the shutdown hook does before the process exits
+    r = httpx.post(srv.url + "/v1/traces", content=request_spans(3)[0].SerializeToString(), headers=PB, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "4"
+    assert "shutting down" in r.json()["error"]
+    assert {row[0] for row in srv.sql("SELECT span_id FROM spans")} == set(ids)
