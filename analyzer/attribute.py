@@ -467,9 +467,9 @@ def _saturation(ev: Evidence, service: str | None, t0: float) -> dict | None:
     recent = [rates.get(i, (0, 0, 0)) for i in range(w - 3, w + 1)]
     arrivals = sum(v[0] for v in recent)
     completions = sum(v[1] for v in recent)
-    all_arr = sorted(v[0] for v in rates.values())
-    ref_arr = all_arr[len(all_arr) // 2] if all_arr else 0
-    peak_done = max((v[1] for v in rates.values()), default=0)
+    ref = ev.rate_ref.get(service or "") or {}
+    ref_arr = ref.get("median_arrivals", 0)
+    peak_done = ref.get("peak_completions", 0)
     now = rates.get(w, (0, 0, 0))
     surge = ref_arr > 0 and max(v[0] for v in recent) >= 1.2 * ref_arr
     building = arrivals > 1.05 * completions and arrivals - completions >= 3

@@ -14,7 +14,7 @@ work in Python starts only with the (few) slow requests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Sequence
 
 import duckdb
@@ -26,7 +26,7 @@ from analyzer.requests import COMPONENTS, REQUEST_PREDICATE, component_exprs, le
 # dominated by the requests the incident actually hurt.
 SLOW_SPREADS = 2.5
 MIN_CLASS = 30
-REFERENCE_SAMPLE = 200_000
+REFERENCE_SAMPLE = 150_000  # requests a baseline is estimated from, at most (hash-sampled)
 MAX_SLOW = 5_000
 
 # Finest first. Output length drives decode time, so the fallbacks keep it
@@ -67,20 +67,46 @@ def _ranges_filter(col: str, ranges: Sequence[tuple[str, datetime, datetime]], n
     return (f"NOT ({expr})" if negate else f"({expr})"), params
 
 
+def _spans_filter(col: str, spans: Sequence[Span]) -> tuple[str, list[Any]]:
+    parts, params = [], []
+    for sp in spans:
+        parts.append(f"({col} >= ? AND {col} < ?)")
+        params += [sp.start, sp.end]
+    return "(" + " OR ".join(parts) + ")", params
+
+
+def count_requests(con: duckdb.DuckDBPyConnection, services: Sequence[str] | None, refs: Sequence[Span]) -> int:
+    svc_sql, svc_params = _service_filter(services)
+    rng_sql, rng_params = _spans_filter("start_time", refs)
+    return int(con.execute(
+        f"SELECT count(*) FROM spans WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql}", [*rng_params, *svc_params]
+    ).fetchall()[0][0])
+
+
 def class_baselines(
     con: duckdb.DuckDBPyConnection,
     services: Sequence[str] | None,
-    ref: Span,
+    ref: Span | Sequence[Span],
     exclude: Sequence[tuple[str, datetime, datetime]],
     components: bool = True,
+    sample: int = REFERENCE_SAMPLE,
 ) -> "Any":
     """Per class and level: n, p50/p90 latency and median of each component (Arrow table).
 
+    ``ref`` is one range or several (one per incident). At most about
+    ``sample`` requests are used: a hash of the span id picks them, which
+    DuckDB evaluates while scanning (no reservoir to fill), and which picks
+    the same requests every time (stable baselines, stable incident ids).
     ``components=False`` skips the stage-span join (spike detection needs
     only the latency thresholds).
     """
+    refs = [ref] if isinstance(ref, Span) else list(ref)
     svc_sql, svc_params = _service_filter(services)
     ex_sql, ex_params = _ranges_filter("start_time", exclude, negate=True)
+    rng_sql, rng_params = _spans_filter("start_time", refs)
+    total = count_requests(con, services, refs)
+    keep = 10_000 if total <= sample else max(1, int(10_000 * sample / total))
+    sample_sql = "TRUE" if keep >= 10_000 else f"hash(span_id) % 10000 < {keep}"
     comps = ", ".join(f"median({c}_ms) AS {c}_ms" for c in COMPONENTS) if components else "NULL AS _none"
     selects = []
     for name, keys in _LEVELS:
@@ -95,17 +121,16 @@ def class_baselines(
                 regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b, {comps}
             FROM ref_rows GROUP BY {cols}"""
         )
-    kids_cte = f"kids AS ({stage_sums_sql('ref_req')})," if components else ""
+    kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start - timedelta(minutes=1), r.end + timedelta(hours=1)) for r in refs])
+    kids_cte = f"kids AS ({stage_sums_sql('ref_req', 'AND ' + kid_sql)})," if components else ""
     comp_cols = ",\n            " + component_exprs("r", "k") if components else ""
     kids_join = "LEFT JOIN kids k USING (trace_id, span_id)" if components else ""
     sql = f"""
-    WITH ref_req AS (
-        SELECT * FROM (
-            SELECT {request_columns()},
-                {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob
-            FROM spans
-            WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql} AND {ex_sql}
-        ) USING SAMPLE reservoir({REFERENCE_SAMPLE} ROWS) REPEATABLE (17)
+    WITH ref_req AS MATERIALIZED (
+        SELECT {request_columns()},
+            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob
+        FROM spans
+        WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
     ),
     {kids_cte}
     ref_rows AS (
@@ -114,7 +139,8 @@ def class_baselines(
     )
     {' UNION ALL '.join(selects)}
     """
-    return con.sql(sql, params=[ref.start, ref.end, *svc_params, *ex_params]).to_arrow_table()
+    params = [*rng_params, *svc_params, *ex_params] + (kid_params if components else [])
+    return con.sql(sql, params=params).to_arrow_table()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 # times the usual latency clears both easily. Closing at 3 sigmas / 1.2x
 # needs the p99 back near normal before the incident ends.
 MIN_COUNT = 30
+P99_MIN_COUNT = 100  # below this a window's "p99" is its max or near it: too noisy to open on
 HISTORY_WINDOWS = 60
 MIN_HISTORY = 8
 OPEN_SIGMAS = 6.0
@@ -56,9 +57,17 @@ class Baseline:
         return max(self.median + CLOSE_SIGMAS * self.scale, CLOSE_RATIO * self.median)
 
 
-def robust(values: np.ndarray) -> Baseline:
-    med = float(np.median(values))
-    mad = float(np.median(np.abs(values - med)))
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def robust(values: "np.ndarray | list[float]") -> Baseline:
+    """Median and MAD-based scale (pure Python: called per window on ~60 values)."""
+    vals = sorted(float(v) for v in values)
+    med = _median(vals)
+    mad = _median(sorted(abs(v - med) for v in vals))
     return Baseline(med, max(1.4826 * mad, SCALE_FLOOR * med, 1e-3))
 
 
@@ -94,8 +103,10 @@ def detect(
     if not valid.any():
         return []
     fallback = robust(p99[valid])
-    share = slow / np.maximum(count, 1) if slow is not None else None
-    share_fallback = robust(share[valid]) if share is not None else None
+    share_arr = slow / np.maximum(count, 1) if slow is not None else None
+    share_fallback = robust(share_arr[valid]) if share_arr is not None else None
+    share = share_arr.tolist() if share_arr is not None else None
+    p99l = p99.tolist()
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
@@ -113,13 +124,13 @@ def detect(
             base, sbase = frozen, sfrozen
         else:
             hist = normal[-HISTORY_WINDOWS:]
-            base = robust(p99[hist]) if len(hist) >= MIN_HISTORY else fallback
+            base = robust([p99l[j] for j in hist]) if len(hist) >= MIN_HISTORY else fallback
             if share is not None:
-                sbase = robust(share[hist]) if len(hist) >= MIN_HISTORY else share_fallback
+                sbase = robust([share[j] for j in hist]) if len(hist) >= MIN_HISTORY else share_fallback
             if span_days >= 1:
                 same = [j for j in by_hour.get(int(hour[i]), [])[-4 * HISTORY_WINDOWS:] if t[i] - t[j] >= DAY_S - 3600]
                 if len(same) >= MIN_HISTORY:
-                    day = robust(p99[same])
+                    day = robust([p99l[j] for j in same])
                     if day.median > base.median:
                         base = day
         v = float(p99[i])
@@ -128,7 +139,8 @@ def detect(
         if share is not None and sbase is not None:
             s_open, s_keep = _share_state(float(share[i]), int(slow[i]), int(count[i]), sbase)
         if current is None:
-            if v > base.open_threshold() or over_slo or s_open:
+            p99_open = v > base.open_threshold() and count[i] >= P99_MIN_COUNT
+            if p99_open or over_slo or s_open:
                 current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i])
                 frozen, sfrozen = base, sbase
             else:

@@ -58,7 +58,7 @@ class Evidence:
     xids: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by host
     provider_base: dict[tuple[str, str], dict] = field(default_factory=dict)
     rates: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # service -> window -> (arrivals, completions)
-    rate_ref: dict[str, dict] = field(default_factory=dict)
+    rate_ref: dict[str, dict] = field(default_factory=dict)  # service -> median arrivals, peak completions
     step_s: int = 60
 
     # --- lookups used by attribution ----------------------------------------
@@ -283,12 +283,27 @@ def _batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: dat
 
 def _gpu(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime, ref_start: datetime) -> None:
     names = ", ".join(f"'{n}'" for n in GPU_METRICS)
+    # Only the samples around each slow request: the requests' intervals are
+    # cut into minute slots and joined on (host, gpu, slot), so a day of
+    # samples is never pulled into Python for a handful of requests.
     cur = con.execute(
-        f"""SELECT host_name, gpu_index, name, epoch(time) AS t, value, point_pid
-           FROM metrics WHERE name IN ({names})
-             AND time >= ? - INTERVAL {int(GPU_PAD_S)} SECOND AND time <= ? + INTERVAL {int(GPU_PAD_S)} SECOND
-             AND host_name IN (SELECT DISTINCT host_name FROM _slow)
-           ORDER BY time""",
+        f"""WITH slots AS (
+              SELECT DISTINCT host_name, gpu_index, slot FROM (
+                  SELECT host_name, gpu_index,
+                      unnest(range(CAST(floor((t0 - {GPU_PAD_S}) / 60) AS BIGINT), CAST(floor((t1 + {GPU_PAD_S}) / 60) AS BIGINT) + 1)) AS slot
+                  FROM _slow)
+           ),
+           m AS (
+              SELECT host_name, gpu_index, name, epoch(time) AS t, value, point_pid,
+                  CAST(floor(epoch(time) / 60) AS BIGINT) AS slot
+              FROM metrics WHERE name IN ({names})
+                AND time >= ? - INTERVAL {int(GPU_PAD_S)} SECOND AND time <= ? + INTERVAL {int(GPU_PAD_S)} SECOND
+                AND host_name IN (SELECT DISTINCT host_name FROM _slow)
+           )
+           SELECT m.host_name, m.gpu_index, m.name, m.t, m.value, m.point_pid
+           FROM m SEMI JOIN slots s ON m.host_name = s.host_name AND m.slot = s.slot
+                AND (s.gpu_index IS NULL OR m.gpu_index = s.gpu_index)
+           ORDER BY m.t""",
         [lo, hi],
     )
     for host, gpu, name, t, value, pid in cur.fetchall():
@@ -389,3 +404,7 @@ def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi
     )
     for service, w, arrivals, completions, instances in cur.fetchall():
         ev.rates.setdefault(service, {})[int(w)] = (int(arrivals), int(completions), int(instances))
+    for service, rates in ev.rates.items():
+        arr = sorted(v[0] for v in rates.values())
+        ev.rate_ref[service] = {"median_arrivals": arr[len(arr) // 2] if arr else 0,
+                                "peak_completions": max((v[1] for v in rates.values()), default=0)}

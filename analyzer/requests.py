@@ -59,7 +59,7 @@ def requests_sql(where: str = "TRUE") -> str:
     return f"SELECT {request_columns()} FROM spans WHERE {REQUEST_PREDICATE} AND ({where})"
 
 
-def stage_sums_sql(request_rel: str) -> str:
+def stage_sums_sql(request_rel: str, time_filter: str = "") -> str:
     """Per request in ``request_rel`` (trace_id, span_id, start_time, end_time): child stage sums.
 
     Child spans are found by (trace_id, parent_span_id); the time filter on
@@ -76,6 +76,7 @@ def stage_sums_sql(request_rel: str) -> str:
       AND c.parent_span_id IS NOT NULL
       AND c.start_time >= (SELECT min(start_time) - INTERVAL 1 HOUR FROM {request_rel})
       AND c.start_time <= (SELECT max(end_time) + INTERVAL 1 MINUTE FROM {request_rel})
+      {time_filter}
       AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM {request_rel})
     GROUP BY ALL"""
 

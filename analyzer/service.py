@@ -40,10 +40,23 @@ DEFAULT_RANGE = timedelta(hours=24)
 # caller's range happens to begin: incident ids stay stable.
 LEAD_IN = timedelta(seconds=DAY_S + 3600)
 REFERENCE_BEFORE = timedelta(hours=1)
+SPIKE_SAMPLE = 100_000
+WINDOW_TARGET = 100  # requests a window should hold for its p99 to mean something
+_FACTORS = (1, 2, 5, 10, 15, 30, 60, 120, 240)
 REFERENCE_AFTER = timedelta(minutes=15)
 MAX_POINTS = 20_000
 _ID = re.compile(r"^inc-(\d+)-([0-9a-f]{8})$")
 _TRACE = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    for sp in sorted(spans, key=lambda x: x.start):
+        if out and sp.start <= out[-1].end:
+            out[-1] = Span(out[-1].start, max(out[-1].end, sp.end))
+        else:
+            out.append(sp)
+    return out
 
 
 def incident_id(service: str, start_s: float) -> str:
@@ -191,21 +204,41 @@ class Analyzer:
         return {"service": service, "model": model, "step_s": step, "start": iso(rng[0]), "end": iso(rng[1]), "points": points}
 
     # --- spikes -------------------------------------------------------------
-    def _spikes(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime]) -> list[dict[str, Any]]:
-        """Incident skeletons (no causes yet) overlapping ``rng``, per service."""
-        step = self.step_s
-        lead = rng[0] - LEAD_IN
-        params: list[Any] = [lead, rng[1]]
+    def _window_stats(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime,
+                      step: int) -> list[tuple[str, int, int, float, int]]:
+        """(service, window, requests, p99, class-slow requests) per window, one pass over the requests."""
+        rng = (lead, end)
+        params: list[Any] = [lead, end]
         svc = ""
         if service:
             svc = "AND service_name = ?"
             params.append(service)
         # Class thresholds from a sample of the same range: a short request that
         # stalled counts as slow even when long requests set the service's p99.
-        classes = class_baselines(con, [service] if service else None, Span(lead, rng[1]), (), components=False)
+        # The thresholds are resolved per class into one small table first, so
+        # the pass over every request is one equi-join on its class key.
+        classes = class_baselines(con, [service] if service else None, Span(lead, rng[1]), (), components=False,
+                                  sample=SPIKE_SAMPLE)
         con.register("_sclasses", classes)
         try:
-            x = expectation("_sclasses")
+            x = expectation("_sclasses", row="c")
+            thr = con.sql(
+                f"""SELECT c.service, c.model, c.ib, c.ob, {x.threshold()} AS thr
+                    FROM (SELECT service, model, ib, ob, ob // 2 AS ob2,
+                              CAST(pow(2, (ob + 0.5) / 2) AS BIGINT) AS output_tokens
+                          FROM _sclasses WHERE level = 'l4') c {x.joins}"""
+            ).to_arrow_table()
+            thr0 = con.sql(
+                f"""SELECT c.service, {x.threshold()} AS thr
+                    FROM (SELECT service, NULL::VARCHAR AS model, NULL::INTEGER AS ib, NULL::INTEGER AS ob,
+                              NULL::INTEGER AS ob2, NULL::BIGINT AS output_tokens
+                          FROM _sclasses WHERE level = 'l0') c {x.joins}"""
+            ).to_arrow_table()
+        finally:
+            con.unregister("_sclasses")
+        con.register("_thr", thr)
+        con.register("_thr0", thr0)
+        try:
             slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
             slo_params: list[Any] = []
             for k, v in self.slo.items():
@@ -215,27 +248,45 @@ class Analyzer:
                 f"""WITH r AS (
                         SELECT service_name AS service, coalesce(model, '') AS model,
                             {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
-                            {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
+                            {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
                         FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
                           AND service_name IS NOT NULL
                     )
                     SELECT r.service, r.w, count(*) AS n, quantile_cont(r.latency_ms, 0.99) AS p99,
-                        count(*) FILTER (WHERE r.latency_ms > {x.threshold()}
-                                         OR r.latency_ms > {slo_expr}) AS slow
-                    FROM r {x.joins}
+                        count(*) FILTER (WHERE r.latency_ms > coalesce(t.thr, t0.thr) OR r.latency_ms > {slo_expr}) AS slow
+                    FROM r LEFT JOIN _thr t USING (service, model, ib, ob) LEFT JOIN _thr0 t0 USING (service)
                     GROUP BY ALL ORDER BY 1, 2""",
                 params + slo_params,
             ).fetchall()
         finally:
-            con.unregister("_sclasses")
+            con.unregister("_thr")
+            con.unregister("_thr0")
+        return [(s, int(w), int(n), float(p99), int(slow)) for s, w, n, p99, slow in rows]
+
+    def _spikes(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime]) -> list[dict[str, Any]]:
+        """Incident skeletons (no causes yet) overlapping ``rng``, per service.
+
+        A service with little traffic gets wider windows (a whole multiple of
+        the configured step) so each holds enough requests for a p99: one
+        setting serves a 1000 req/s API and a 6 req/min gateway alike.
+        """
+        lead = rng[0] - LEAD_IN
+        by_service: dict[str, tuple[int, list[tuple[int, int, float, int]]]] = {}
+        for s, w, n, p99, slow in self._window_stats(con, service, lead, rng[1], self.step_s):
+            by_service.setdefault(s, (self.step_s, []))[1].append((w, n, p99, slow))
+        for s, (step, series) in list(by_service.items()):
+            counts = sorted(x[1] for x in series)
+            median = counts[len(counts) // 2] if counts else 0
+            if median >= WINDOW_TARGET:
+                continue
+            factor = next((f for f in _FACTORS if median * f >= WINDOW_TARGET), _FACTORS[-1])
+            wide = self.step_s * factor
+            by_service[s] = (wide, [(w, n, p99, slow) for _, w, n, p99, slow in self._window_stats(con, s, lead, rng[1], wide)])
         newest = self._newest(con)
-        newest_complete = int(unix(newest) // step) - 1 if newest else None
-        by_service: dict[str, list[tuple[int, int, float, int]]] = defaultdict(list)
-        for s, w, n, p99, slow in rows:
-            by_service[s].append((int(w), int(n), float(p99), int(slow)))
         out = []
         lo_s, hi_s = unix(rng[0]), unix(rng[1])
-        for s, series in by_service.items():
+        for s, (step, series) in by_service.items():
+            newest_complete = int(unix(newest) // step) - 1 if newest else None
             w = np.array([x[0] for x in series], dtype=np.int64)
             t = w * step
             n = np.array([x[1] for x in series], dtype=np.int64)
@@ -296,10 +347,10 @@ class Analyzer:
         if not spikes:
             return {"incidents": []}
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
+        refs = _merge([Span(s["_a"] - REFERENCE_BEFORE, s["_b"] + REFERENCE_AFTER) for s in spikes])
         results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
                                     Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
-                                    Span(min(s["_a"] for s in spikes) - REFERENCE_BEFORE, max(s["_b"] for s in spikes) + REFERENCE_AFTER),
-                                    exclude=ranges)
+                                    refs, exclude=ranges)
         out = []
         for sp in spikes:
             mine = [r for r in results if r["service"] == sp["service"] and sp["start"] <= r["start"] < sp["end"]]
@@ -317,7 +368,7 @@ class Analyzer:
         return {"incidents": out}
 
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
-                 window: Span, ref: Span, exclude: Sequence[tuple[str, datetime, datetime]],
+                 window: Span, ref: Span | list[Span], exclude: Sequence[tuple[str, datetime, datetime]],
                  limit: int | None = None, trace_id: str | None = None) -> tuple[list[dict[str, Any]], Evidence]:
         classes = class_baselines(con, services, ref, exclude)
         con.register("_classes", classes)
@@ -328,7 +379,8 @@ class Analyzer:
             cands = slow_candidates(con, "_classes", services, ranges, window, self.slo, **kwargs)
         finally:
             con.unregister("_classes")
-        ev = gather(con, cands, ref_start=ref.start, ref_end=ref.end, step_s=self.step_s)
+        refs = [ref] if isinstance(ref, Span) else ref
+        ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s)
         return [attribute(r, ev) for r in cands], ev
 
     def _aggregate(self, con: duckdb.DuckDBPyConnection, sp: dict[str, Any], results: list[dict[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
