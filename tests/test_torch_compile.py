@@ -72,6 +72,7 @@ def handles():
         h.shutdown()
 
 
+@pytest.mark.slow  # the first torch.compile of the session warms dynamo up: ~5-12 s on 2 cores
 def test_recompiles_on_new_lengths_become_compile_spans_under_their_requests(make_server, handles):
     srv = make_server()
     h = handles(service="tiny-api", endpoint=srv.url, instance_id="replica-0")
