@@ -4,13 +4,17 @@ Builds ``--batches`` distinct ExportTraceServiceRequests of ``--spans`` request
 spans each (12 attributes per span as in TELEMETRY.md section 3: role, model,
 token counts, vLLM latencies, request/session/batch ids, shape, GPU, priority;
 ids, token counts and latencies differ from span to span, so the decoder's
-memo of repeated attributes helps only where real traffic repeats too), encodes
-them as protobuf and as OTLP/JSON, and times ``collector.otlp.decode`` on each
-(one process, one core). Prints one JSON object:
+once-per-batch handling of repeated attributes helps only where real traffic
+repeats too), encodes them as protobuf and as OTLP/JSON, and times
+``collector.otlp.decode`` on each (one process, one core). Prints one JSON object:
 
     {"spans_per_batch", "batches", "protobuf": {"spans_per_s", "us_per_span",
      "cpu_spans_per_s", "cpu_us_per_span", "runs_spans_per_s"}, "json": {...},
-     "bytes_per_span": {...}, "load_average": [...]}
+     "naive_loop_reference": {...}, "bytes_per_span": {...}, "load_average": [...]}
+
+``naive_loop_reference`` times a plain per-attribute Python loop over the stock
+classes (no typed columns, no validation, no Arrow) on the same bodies, as a
+yardstick that moves with the machine's load.
 
 ``spans_per_s`` is the median over ``--runs`` runs, each decoding every batch
 once (wall clock); ``cpu_spans_per_s`` the same per CPU second of this process,
@@ -29,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -93,22 +98,34 @@ def to_otlp_json(req: ExportTraceServiceRequest) -> bytes:
     return json.dumps(encode(req)).encode()
 
 
-def time_runs(bodies: list[bytes], content_type: str, runs: int, n_spans: int) -> dict[str, object]:
-    """Wall-clock and CPU-time rates; on a shared machine the CPU figure is the steadier one."""
-    rates, cpu_rates = [], []
-    for _ in range(runs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        total = 0
-        for body in bodies:
-            total += otlp.decode("traces", body, content_type).accepted
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        assert total == n_spans * len(bodies), total
-        rates.append(total / dt)
-        cpu_rates.append(total / dc)
-    med, cpu_med = statistics.median(rates), statistics.median(cpu_rates)
-    return {"spans_per_s": round(med), "us_per_span": round(1e6 / med, 2),
-            "cpu_spans_per_s": round(cpu_med), "cpu_us_per_span": round(1e6 / cpu_med, 2),
-            "runs_spans_per_s": [round(r) for r in rates]}
+def _timed(fn: Callable[[], int]) -> tuple[float, float, int]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, n
+
+
+def _summary(walls: list[float], cpus: list[float], spans: int) -> dict[str, object]:
+    rate, cpu_rate = spans / statistics.median(walls), spans / statistics.median(cpus)
+    return {"spans_per_s": round(rate), "us_per_span": round(1e6 / rate, 2),
+            "cpu_spans_per_s": round(cpu_rate), "cpu_us_per_span": round(1e6 / cpu_rate, 2),
+            "runs_spans_per_s": [round(spans / w) for w in walls]}
+
+
+def naive_decode(body: bytes) -> int:
+    """Reference point, not the product: the straightforward loop over stock classes
+    (oneof per attribute, dict, json.dumps), without typed columns or validation."""
+    req = ExportTraceServiceRequest.FromString(body)
+    rows = []
+    for rs in req.resource_spans:
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                attrs = {}
+                for kv in s.attributes:
+                    v = kv.value
+                    attrs[kv.key] = getattr(v, v.WhichOneof("value"))
+                rows.append((s.trace_id.hex(), s.span_id.hex(), s.name, s.start_time_unix_nano,
+                             s.end_time_unix_nano, json.dumps(attrs)))
+    return len(rows)
 
 
 def main() -> None:
@@ -123,17 +140,27 @@ def main() -> None:
     reqs = [build_request(rng, args.spans, base + k * 10**12, k) for k in range(args.batches)]
     pb = [r.SerializeToString() for r in reqs]
     js = [to_otlp_json(r) for r in reqs]
-    # warm-up (imports, descriptor pool) outside the timed runs
-    otlp.decode("traces", pb[0], otlp.PROTOBUF)
-    otlp.decode("traces", js[0], otlp.JSON)
+    # warm-up (imports, Arrow kernels) outside the timed runs
+    otlp.warm_up()
+    naive_decode(pb[0])
+    spans = args.spans * args.batches
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("protobuf", "json", "naive")}
+    for _ in range(args.runs):  # interleaved, so load changes on a shared machine hit all three alike
+        for key, fn in (("naive", lambda: sum(naive_decode(b) for b in pb)),
+                        ("protobuf", lambda: sum(otlp.decode("traces", b, otlp.PROTOBUF).accepted for b in pb)),
+                        ("json", lambda: sum(otlp.decode("traces", b, otlp.JSON).accepted for b in js))):
+            wall, cpu, n = _timed(fn)
+            assert n == spans, (key, n)
+            times[key][0].append(wall)
+            times[key][1].append(cpu)
     result = {
         "spans_per_batch": args.spans,
         "batches": args.batches,
         "attributes_per_span": 12,
-        "protobuf": time_runs(pb, otlp.PROTOBUF, args.runs, args.spans),
-        "json": time_runs(js, otlp.JSON, args.runs, args.spans),
-        "bytes_per_span": {"protobuf": round(sum(map(len, pb)) / (args.spans * args.batches)),
-                           "json": round(sum(map(len, js)) / (args.spans * args.batches))},
+        "protobuf": _summary(*times["protobuf"], spans),
+        "json": _summary(*times["json"], spans),
+        "naive_loop_reference": _summary(*times["naive"], spans),
+        "bytes_per_span": {"protobuf": round(sum(map(len, pb)) / spans), "json": round(sum(map(len, js)) / spans)},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result))
