@@ -9,6 +9,7 @@ distributions are kept, the absolute sizes are not.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import math
@@ -70,6 +71,11 @@ def diurnal(mean_rate: float, amplitude: float, period_s: float, start: float, e
 def azure_rows(data_dir: Path | None = None) -> list[tuple[float, int, int]]:
     """(seconds from the trace start, context tokens, generated tokens) of the Azure conv trace."""
     path = (data_dir or default_data_dir()) / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv.gz"
+    return list(_azure_rows(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _azure_rows(path: Path) -> tuple[tuple[float, int, int], ...]:
     if not path.is_file():
         raise FileNotFoundError(f"Azure LLM trace not found at {path} (expected shared/data beside the repo)")
     rows: list[tuple[float, int, int]] = []
@@ -84,12 +90,17 @@ def azure_rows(data_dir: Path | None = None) -> list[tuple[float, int, int]]:
             t = datetime.fromisoformat(stamp).timestamp()
             t0 = t if t0 is None else t0
             rows.append((t - t0, int(rec["ContextTokens"]), int(rec["GeneratedTokens"])))
-    return rows
+    return tuple(rows)
 
 
 def mooncake_rows(data_dir: Path | None = None) -> list[tuple[float, int, int, tuple[int, ...]]]:
     """(seconds, input length, output length, prefix-block hash ids) of the Mooncake synthetic trace."""
     path = (data_dir or default_data_dir()) / "mooncake" / "synthetic_trace.jsonl.gz"
+    return list(_mooncake_rows(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _mooncake_rows(path: Path) -> tuple[tuple[float, int, int, tuple[int, ...]], ...]:
     if not path.is_file():
         raise FileNotFoundError(f"Mooncake trace not found at {path} (expected shared/data beside the repo)")
     rows = []
@@ -98,7 +109,7 @@ def mooncake_rows(data_dir: Path | None = None) -> list[tuple[float, int, int, t
             if line.strip():
                 r = json.loads(line)
                 rows.append((r["timestamp"] / 1000.0, int(r["input_length"]), int(r["output_length"]), tuple(int(h) for h in r["hash_ids"])))
-    return rows
+    return tuple(rows)
 
 
 class LengthSampler:

@@ -258,24 +258,25 @@ def cold_start(seed: int = 8, data_dir: Path | None = None, at: float = 300.0, r
 
 
 def provider_load(seed: int = 9, data_dir: Path | None = None) -> Scenario:
-    """A gateway whose requests call an upstream provider in New York, over 24 virtual hours (diurnal arrivals)."""
+    """A gateway whose requests call an upstream provider in New York, over 12 virtual hours
+    (05:00-17:00 New York time, diurnal arrivals rising through the morning)."""
     rng = random.Random(seed)
     sampler = LengthSampler(azure_or_synthetic(data_dir)[0])
-    provider = Provider()
-    duration = 24 * 3600.0
-    times = diurnal(6 / 60, 0.4, 24 * 3600.0, 0.0, duration, rng, phase_s=6 * 3600.0)
+    provider = Provider(width_h=1.2)
+    duration = 12 * 3600.0
+    times = diurnal(20 / 60, 0.3, 24 * 3600.0, 0.0, duration, rng, phase_s=1 * 3600.0)
     reqs = []
     for k, t in enumerate(times):
         shape = sampler.draw(rng)
         reqs.append(Request(k, t, shape.prompt, shape.output, k % 2, "base", None, (), provider=True))
     return Scenario(
         "provider_load",
-        f"a gateway calling an upstream provider ({provider.region}) whose latency triples around {provider.peak_hour:.0f}:00 local time",
+        f"a gateway calling an upstream provider ({provider.region}) whose latency triples around {provider.peak_hour:.0f}:00 its local time (12 virtual hours)",
         "agent-api", duration, _specs(2), reqs,
         # the window is filled in by the runner from the provider's curve (needs the epoch)
         [Injection("provider_load", math.nan, math.nan, None, {"region": provider.region, "peak": provider.peak})],
         provider=provider,
-        start_local=(provider.region, 0),
+        start_local=(provider.region, 5),
     )
 
 
