@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from ingest_payloads import request_spans
 
@@ -59,6 +60,7 @@ def test_full_queue_answers_429_and_every_ack_is_stored(make_server):
     assert 'tailscope_ingest_shed_items_total{reason="queue_full"} 2100' in text
 
 
+@pytest.mark.slow
 def test_many_senders_against_a_tiny_queue_lose_nothing(make_server):
     """Concurrent senders that retry on 429 like OTLP exporters do; nothing acknowledged goes missing."""
     srv = make_server(queue_max_spans=400, flush_interval_ms=50, retry_after_s=1)
