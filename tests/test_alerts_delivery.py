@@ -303,3 +303,48 @@ def test_rows_of_one_alert_go_in_order(tmp_path: Path, services: list[AlertServi
         assert events == ["open", "resolved"]
     finally:
         r.close()
+
+
+def test_a_huge_error_reply_is_not_buffered(tmp_path: Path) -> None:
+    """A receiver answering 500 with a 50 MB body: the sender reads a few KB and records a short error."""
+    import http.server
+    import threading
+
+    written: list[int] = []
+    done = threading.Event()
+
+    class Huge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(500)
+            self.send_header("Content-Length", str(50 * 1024 * 1024))
+            self.end_headers()
+            n = 0
+            try:
+                for _ in range(50 * 16):
+                    self.wfile.write(b"x" * 65536)
+                    n += 65536
+            except OSError:  # the sender hung up after reading what it needed
+                pass
+            written.append(n)
+            done.set()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Huge)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    svc = make_service(tmp_path, None)
+    try:
+        result = svc.sender.send(f"http://127.0.0.1:{httpd.server_address[1]}/hook", "k", b"{}", event="test", idempotency_key="k1")
+        assert result.ok is False and result.retry is True and result.status_code == 500
+        assert result.error is not None and len(result.error) < 300 and result.error.startswith("HTTP 500: xxx")
+        assert done.wait(10)
+        assert written[0] < 40 * 1024 * 1024  # the rest was never read (socket buffers hold a few MB at most)
+    finally:
+        svc.stop()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -138,7 +138,9 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], a
         except WebhookRefused as exc:
             return SendResult(False, False, None, str(exc))
         try:
-            resp = client.post(target, content=body, headers=headers)
+            # streamed: only the first bytes of a reply are read (a receiver cannot make us buffer gigabytes)
+            with client.stream("POST", target, content=body, headers=headers) as resp:
+                head = _read_head(resp)
         except httpx.TimeoutException as exc:
             return SendResult(False, True, None, f"timeout: {exc.__class__.__name__}")
         except httpx.HTTPError as exc:
@@ -154,10 +156,25 @@ def post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], a
         if 200 <= code < 300:
             return SendResult(True, False, code, None)
         retry_after = _retry_after(resp.headers.get("retry-after"))
-        snippet = resp.text[:200].strip().replace("\n", " ")
+        snippet = head.decode("utf-8", "replace")[:200].strip().replace("\n", " ")
         err = f"HTTP {code}" + (f": {snippet}" if snippet else "")
         return SendResult(False, code in RETRY_STATUSES, code, err, retry_after)
     return SendResult(False, False, None, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _read_head(resp: httpx.Response, limit: int = 4096) -> bytes:
+    """The first ``limit`` bytes of the reply body; the rest is left unread (the connection is closed).
+
+    Raw bytes, never decompressed (no decompression bomb); a compressed body gives no snippet.
+    """
+    if resp.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return b""
+    out = b""
+    for chunk in resp.iter_raw():
+        out += chunk
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 def _scrub(text: str, url: str) -> str:
