@@ -482,7 +482,7 @@ class Values:
                 continue
             sel = order[lo:hi]
             if t == _STR:
-                sv = self.sval.take(pa.array(sel))
+                sv = self.sval.take(pa.array(sel, pa.int64()))
                 parts.append(pc.binary_join_element_wise('"', sv, '"', ""))
                 esc = pc.match_substring_regex(sv, _NEEDS_ESCAPE).to_numpy(zero_copy_only=False)
                 for j in np.nonzero(esc)[0].tolist():
@@ -497,7 +497,7 @@ class Values:
                 for j in np.nonzero(~np.isfinite(fv))[0].tolist():
                     patch[lo + j] = _float_json(float(fv[j]))
             elif t == _BOOL:
-                parts.append(pc.if_else(pa.array(self.bval[sel]), "true", "false"))
+                parts.append(pc.if_else(pa.array(self.bval[sel], pa.bool_()), "true", "false"))
             elif t == _NULL:
                 parts.append(pa.array(["null"] * (hi - lo), pa.string()))
             else:
@@ -510,7 +510,7 @@ class Values:
             by_type = pa.array(texts, pa.string())
         inverse = np.empty(n, dtype=np.int64)
         inverse[order] = np.arange(n, dtype=np.int64)
-        return by_type.take(pa.array(inverse))
+        return by_type.take(pa.array(inverse, pa.int64()))
 
 
 class Entries:
@@ -579,7 +579,7 @@ class Lifter:
         e.key_id = key_id
         e.trunc = trunc
         text = vals.json_text()
-        e.frag = pc.binary_join_element_wise(k_json.take(pa.array(key_id)), text, "") if len(key_id) else text
+        e.frag = pc.binary_join_element_wise(k_json.take(pa.array(key_id, pa.int64())), text, "") if len(key_id) else text
         e.gen_ai = k_gen[key_id]
         e.prio = k_prio[key_id]
         kind = k_kind[key_id]
@@ -788,7 +788,7 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
     item_of = np.repeat(np.arange(n, dtype=np.int64), cnt)
     idx = pa.array(index, pa.int64())
     taken = e.frag.take(idx) if len(index) else pa.array([], pa.string())
-    lists = pa.LargeListArray.from_arrays(pa.array(offsets), taken)
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), taken)
     json_col = pc.binary_join_element_wise("{", pc.binary_join(lists, ","), "}", "")
 
     if len(index):
@@ -817,9 +817,9 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
         sel = np.full(n, -1, dtype=np.int64)
         sel[item_of[pos]] = index[pos]
         if spec.kind not in arrays:
-            arrays[spec.kind] = {"str": lambda: e.lift_s, "int": lambda: pa.array(e.lift_i),
-                                 "float": lambda: pa.array(e.lift_f)}[spec.kind]()
-        col = arrays[spec.kind].take(pa.array(sel, mask=sel < 0))
+            arrays[spec.kind] = {"str": lambda: e.lift_s, "int": lambda: pa.array(e.lift_i, pa.int64()),
+                                 "float": lambda: pa.array(e.lift_f, pa.float64())}[spec.kind]()
+        col = arrays[spec.kind].take(pa.array(sel, pa.int64(), mask=sel < 0))
         lifted.append(col.cast(typ) if col.type != typ else col)
     if len(index):
         gen_ai = np.bincount(item_of[e.gen_ai[index]], minlength=n) > 0

@@ -65,8 +65,8 @@ MIN_NS = 86_400 * 10**9
 MAX_NS = 7_258_118_400 * 10**9
 _U64_MAX = (1 << 64) - 1
 
-_KIND_NAMES = np.array(["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"], dtype=object)
-_STATUS_NAMES = np.array(["UNSET", "OK", "ERROR"], dtype=object)
+_KIND_ARROW = pa.array(["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"], pa.string())
+_STATUS_ARROW = pa.array(["UNSET", "OK", "ERROR"], pa.string())
 _TEMPORALITY = {0: "UNSPECIFIED", 1: "DELTA", 2: "CUMULATIVE"}
 
 _LOG_EVENT_NAME = AttrColumn("event_name", "VARCHAR", "str", ("event.name",))
@@ -286,11 +286,12 @@ def _in_range(ns: np.ndarray) -> np.ndarray:
 
 def _keep(table: pa.Table, keep: np.ndarray) -> pa.Table:
     """The rows of ``table`` where ``keep`` is true (no copy when all are kept)."""
-    return table if keep.all() else table.filter(pa.array(keep))
+    return table if keep.all() else table.filter(pa.array(keep, pa.bool_()))
 
 
 def _ts(ns: np.ndarray) -> pa.Array:
-    return pa.array((ns // 1000).astype(np.int64), _TS)
+    us = np.ascontiguousarray((ns // 1000).astype(np.int64))
+    return pa.Array.from_buffers(_TS, len(us), [None, pa.py_buffer(us)])
 
 
 _HEX = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint8).reshape(256, 2)
@@ -331,7 +332,7 @@ class Ids:
         else:
             sel = np.full(n, -1, dtype=np.int64)
             sel[rows[nonzero]] = np.nonzero(nonzero)[0]
-            self.hex = hexes.take(pa.array(sel, mask=sel < 0))  # null where not a valid id
+            self.hex = hexes.take(pa.array(sel, pa.int64(), mask=sel < 0))  # null where not a valid id
 
 
 class Reasons:
@@ -402,9 +403,7 @@ class SpanBatch:
         tid_hex, sid_hex = tids.hex, sids.hex
         has_parent = pids.valid  # an all-zero parent id means "no parent"
         kinds = np.array(self.kinds, dtype=np.int64)
-        kind_names = _KIND_NAMES[np.where((kinds >= 0) & (kinds <= 5), kinds, 0)]
         scodes = np.array(self.scodes, dtype=np.int64)
-        status_names = _STATUS_NAMES[np.where((scodes >= 0) & (scodes <= 2), scodes, 0)]
         res_idx = np.array(self.res_idx, dtype=np.int64)
         ac = self.attrs.columns(SPAN_LIFTER, limit)
 
@@ -413,11 +412,11 @@ class SpanBatch:
             "span_id": sid_hex,
             "parent_span_id": pids.hex,
             "name": pa.array(self.names, pa.string()),
-            "kind": pa.array(kind_names, pa.string()),
+            "kind": _KIND_ARROW.take(pa.array(np.where((kinds >= 0) & (kinds <= 5), kinds, 0), pa.int64())),
             "start_time": _ts(st),
             "end_time": _ts(en),
             "duration_ms": pa.array((en.astype(np.int64) - st.astype(np.int64)) / 1e6, pa.float64()),
-            "status_code": pa.array(status_names, pa.string()),
+            "status_code": _STATUS_ARROW.take(pa.array(np.where((scodes >= 0) & (scodes <= 2), scodes, 0), pa.int64())),
             "status_message": pa.array(self.smsgs, pa.string()),
             "scope_name": pa.array(self.scopes, pa.string()),
         }
@@ -430,7 +429,7 @@ class SpanBatch:
         role = cols["role"]
         default = pc.is_null(role).to_numpy(zero_copy_only=False) & ~has_parent & (kinds == 2) & ac.gen_ai
         if default.any():
-            cols["role"] = pc.if_else(pa.array(default), "request", role)
+            cols["role"] = pc.if_else(pa.array(default, pa.bool_()), "request", role)
         cols["attributes"] = ac.json
         cols["resource_attributes"] = res_cols["resource_attributes"]
         out.tables["spans"] = _keep(pa.table(cols), keep)
@@ -448,7 +447,7 @@ class SpanBatch:
                 out.errors.append(f"{dropped} span event(s) dropped: time missing or outside 1970-01-02..2200-01-01")
             eac = self.ev_attrs.columns(PLAIN_LIFTER, limit)
             out.truncated_values += eac.truncated
-            idx = pa.array(ev_span)
+            idx = pa.array(ev_span, pa.int64())
             ev = pa.table({
                 "trace_id": tid_hex.take(idx),
                 "span_id": sid_hex.take(idx),
@@ -467,7 +466,7 @@ class SpanBatch:
                 out.errors.append(f"{dropped} span link(s) dropped: linked trace_id/span_id must be 16/8 bytes and not all zero")
             lac = self.ln_attrs.columns(PLAIN_LIFTER, limit)
             out.truncated_values += lac.truncated
-            idx = pa.array(ln_span)
+            idx = pa.array(ln_span, pa.int64())
             ln = pa.table({
                 "trace_id": tid_hex.take(idx),
                 "span_id": sid_hex.take(idx),
