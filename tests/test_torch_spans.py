@@ -243,3 +243,27 @@ def test_ids_are_lowercase_hex_and_unique_even_with_a_seeded_global_random(make_
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, agents.torch; assert 'torch' not in sys.modules, 'torch imported'; import agents"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_full_queue_drops_are_counted_and_flush_says_so(make_server, handles):
+    """Serving code never blocks on export: overflow is dropped, counted, and reported."""
+    srv = make_server()
+    h = handles(service="chat-api", endpoint=srv.url, instance_id="tiny-queue",
+                schedule_delay_s=3600, max_queue_size=8, max_export_batch_size=8)
+    import logging
+
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)  # "Queue full" per span
+    try:
+        for _ in range(50):
+            h.start_request(model="tiny").end()
+        assert not h.flush(10)
+    finally:
+        logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.NOTSET)
+    stats = h.stats()
+    assert stats["recorded"]["spans"] == 50
+    assert stats["exported"]["spans"] + stats["dropped"]["spans"] == 50
+    assert stats["dropped"]["spans"] > 0 and stats["failed"]["spans"] == 0
+    stored = wait_rows(srv, "SELECT count(*) FROM spans", lambda r: r[0][0] >= stats["exported"]["spans"])
+    assert stored == [(stats["exported"]["spans"],)]
+    h.start_request(model="tiny").end()
+    assert h.flush(10)  # nothing new lost since the last flush

@@ -123,6 +123,21 @@ class Handle:
         """Items the server refused or that could not be sent, per signal (spans/logs/metrics)."""
         return dict(self._pipeline.failed_items)
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Recorded / exported / failed / dropped (full queue) items per signal.
+
+        ``dropped`` is exact after a ``flush()``; a serving process that ends
+        spans faster than the exporter sends them loses the overflow rather
+        than block, and this is where that shows.
+        """
+        p = self._pipeline
+        return {
+            "recorded": dict(p.recorded_items),
+            "exported": dict(p.exported_items),
+            "failed": dict(p.failed_items),
+            "dropped": p.dropped_items(),
+        }
+
     @property
     def tracer_provider(self) -> Any:
         """This handle's own SDK ``TracerProvider`` (for any extra spans)."""
@@ -240,9 +255,11 @@ class Handle:
         if self._closed:
             self._dropped_after_shutdown("spans")
             return
+        self._pipeline.count_recorded("spans")
         self._processor.on_end(span.to_readable())
 
     def _dropped_after_shutdown(self, signal: str) -> None:
+        self._pipeline.count_recorded(signal)
         self._pipeline._count_failure(signal, 1)
         if not self._warned_closed:
             self._warned_closed = True
@@ -281,6 +298,7 @@ class Handle:
             # SDKs before 1.35 (tested: 1.45.2): no event_name / context on the
             # record; the event.name attribute alone names the event.
             record = self._legacy_record(kwargs, span)
+        self._pipeline.count_recorded("logs")
         self._pipeline.logger.emit(record)
 
     def _legacy_record(self, kwargs: dict[str, Any], span: Span | None) -> Any:
@@ -344,8 +362,8 @@ class Handle:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export everything recorded so far.
 
-        True when it drained within ``timeout_s`` and no export failed since the
-        previous flush; see ``failed_exports`` for what was lost.
+        True when it drained within ``timeout_s`` and nothing failed or was
+        dropped since the previous flush; see ``stats()`` for what was lost.
         """
         if self._compile_registered:
             from agents.torch import compile_events as ce

@@ -50,8 +50,11 @@ class _Counting:
 
     def export(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._inner.export(batch, *args, **kwargs)
+        items = len(batch) if hasattr(batch, "__len__") else 1
         if getattr(result, "name", "SUCCESS") != "SUCCESS":
-            self._pipeline._count_failure(self._signal, len(batch) if hasattr(batch, "__len__") else 1)
+            self._pipeline._count_failure(self._signal, items)
+        else:
+            self._pipeline._count_success(self._signal, items)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -170,7 +173,10 @@ class Pipeline:
         self._failure_lock = threading.Lock()
         self.failed_exports: dict[str, int] = {"spans": 0, "logs": 0, "metrics": 0}
         self.failed_items: dict[str, int] = {"spans": 0, "logs": 0, "metrics": 0}
+        self.exported_items: dict[str, int] = {"spans": 0, "logs": 0}
+        self.recorded_items: dict[str, int] = {"spans": 0, "logs": 0}  # counted by the handle
         self._failures_seen = 0
+        self._dropped_seen = 0
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self.resource = resource
         self.scope = InstrumentationScope(SCOPE_NAME)
@@ -211,6 +217,25 @@ class Pipeline:
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[self.metric_reader])
         self.meter = self.meter_provider.get_meter(SCOPE_NAME)
 
+    def count_recorded(self, signal: str) -> None:
+        with self._failure_lock:  # += on a dict item is not atomic across threads
+            self.recorded_items[signal] += 1
+
+    def _count_success(self, signal: str, items: int) -> None:
+        with self._failure_lock:
+            self.exported_items[signal] += items
+
+    def dropped_items(self) -> dict[str, int]:
+        """Recorded but neither exported nor failed: dropped by a full SDK queue.
+
+        Exact once a flush has drained the queues (in flight otherwise).
+        """
+        with self._failure_lock:
+            return {
+                sig: max(0, self.recorded_items[sig] - self.exported_items[sig] - self.failed_items[sig])
+                for sig in self.recorded_items
+            }
+
     def _count_failure(self, signal: str, items: int) -> None:
         with self._failure_lock:
             self.failed_exports[signal] += 1
@@ -226,10 +251,12 @@ class Pipeline:
         ok = bool(self.tracer_provider.force_flush(ms))
         ok = bool(self.logger_provider.force_flush(ms)) and ok
         ok = bool(self.meter_provider.force_flush(ms)) and ok
+        dropped = sum(self.dropped_items().values()) if ok else self._dropped_seen
         with self._failure_lock:
             total = sum(self.failed_exports.values())
-            fresh = total != self._failures_seen
+            fresh = total != self._failures_seen or dropped != self._dropped_seen
             self._failures_seen = total
+            self._dropped_seen = dropped
         return ok and not fresh
 
     def shutdown(self) -> None:
