@@ -10,10 +10,11 @@ decompress + decode off the event loop, then wait for the group commit. The
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from collector.auth import BearerAuth
 from collector.otlp_responses import encode_response
@@ -38,11 +39,15 @@ async def read_capped(request: Request, limit: int, what: str = "request body") 
             raise PayloadTooLarge(f"{what} of {size} bytes is over the limit of {limit} bytes (max_body_bytes)")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes (max_body_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes (max_body_bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to answer; a 400 keeps it out of the 500s and their tracebacks.
+        raise BadRequest(f"the client disconnected after {total} bytes of the {what}") from None
     return b"".join(chunks)
 
 
@@ -84,7 +89,7 @@ def make_router(ingest: "Ingest", config: "Config") -> APIRouter:
         finally:
             metrics.request(signal, "http", status, nbytes)
 
-    def route(signal: str):  # one named endpoint per signal, for the OpenAPI page
+    def route(signal: str) -> Callable[[Request], Any]:  # one named endpoint per signal, for the OpenAPI page
         async def endpoint(request: Request) -> Response:
             return await export(request, signal)
 

@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from tailscope.errors import BadPayload, BadRequest, PayloadTooLarge, TailscopeError
 
@@ -239,8 +240,11 @@ def add_routes(router: APIRouter, store: "Store", config: "Config", metrics: "Se
                 finally:
                     await form.close()
             else:
-                async for chunk in request.stream():
-                    incoming.write(chunk)
+                try:
+                    async for chunk in request.stream():
+                        incoming.write(chunk)
+                except ClientDisconnect:
+                    raise BadRequest(f"the client disconnected after {incoming.size} bytes of the upload") from None
             if incoming.size == 0:
                 raise BadRequest("empty upload: send the trace file as multipart field 'file' or as the request body")
             summary = _parse_summary(summary_text)
