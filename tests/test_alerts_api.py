@@ -45,6 +45,15 @@ def test_one_call_adds_a_webhook_and_the_secret_never_comes_back(make_server: An
     assert body["url"].startswith(srv.url + "/dashboard/incident?id=")  # port 0: the URL the API was reached at
     deliveries = httpx.get(srv.url + API + "/deliveries").json()["deliveries"]
     assert deliveries[0]["event"] == "test" and deliveries[0]["status"] == "delivered"
+    # rotate the secret and disable: the next test-send is signed with the new key
+    p = httpx.patch(srv.url + API + f"/webhooks/{hook['id']}", json={"secret": "rotated", "enabled": False})
+    assert p.status_code == 200 and p.json()["webhook"]["enabled"] is False and "rotated" not in p.text
+    assert httpx.post(srv.url + API + f"/webhooks/{hook['id']}/test").json()["ok"] is True
+    got = receiver.received[-1]
+    assert signing.verify("rotated", got.header(signing.TIMESTAMP_HEADER), got.body, got.header(signing.SIGNATURE_HEADER))
+    assert not signing.verify("topsecret", got.header(signing.TIMESTAMP_HEADER), got.body, got.header(signing.SIGNATURE_HEADER))
+    bad = httpx.patch(srv.url + API + f"/webhooks/{hook['id']}", json={"format": "teams"})
+    assert bad.status_code == 400 and "format" in bad.json()["error"]
     d = httpx.delete(srv.url + API + f"/webhooks/{hook['id']}")
     assert d.status_code == 200 and d.json() == {"ok": True, "deleted": hook["id"]}
     assert httpx.get(srv.url + API + "/webhooks").json()["webhooks"] == []
@@ -129,6 +138,10 @@ def test_cli_against_a_running_server(make_server: Any, receiver: Receiver, caps
     code, out, _ = run_cli(capsys, "--server", srv.url, "webhooks", "add", receiver.url + "/hook", "--secret-env", "HOOK_SECRET", "--format", "slack")
     assert code == 0 and out["webhook"]["format"] == "slack"
     hook_id = out["webhook"]["id"]
+    code, out, _ = run_cli(capsys, "--server", srv.url, "webhooks", "update", str(hook_id), "--name", "pager", "--disable")
+    assert code == 0 and out["webhook"]["name"] == "pager" and out["webhook"]["enabled"] is False
+    code, out, _ = run_cli(capsys, "--server", srv.url, "webhooks", "update", str(hook_id), "--enable")
+    assert code == 0 and out["webhook"]["enabled"] is True
     code, out, _ = run_cli(capsys, "--server", srv.url, "webhooks", "test", str(hook_id))
     assert code == 0 and out["ok"] is True
     got = receiver.received[-1]

@@ -27,6 +27,15 @@ class WebhookIn(BaseModel):
     enabled: bool = True
 
 
+class WebhookPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: Optional[str] = None
+    secret: Optional[str] = Field(None, description="a new HMAC key (rotation); never returned")
+    format: Optional[str] = None
+    name: Optional[str] = None
+    enabled: Optional[bool] = None
+
+
 class RuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = ""
@@ -87,6 +96,10 @@ def make_router(service: "AlertService") -> APIRouter:
     @router.get("/webhooks/{webhook_id}")
     def get_webhook(webhook_id: int) -> dict[str, Any]:
         return {"webhook": service.get_webhook(webhook_id)}
+
+    @router.patch("/webhooks/{webhook_id}")
+    def update_webhook(webhook_id: int, body: WebhookPatch) -> dict[str, Any]:
+        return {"ok": True, "webhook": service.update_webhook(webhook_id, **body.model_dump())}
 
     @router.delete("/webhooks/{webhook_id}")
     def delete_webhook(webhook_id: int) -> dict[str, Any]:

@@ -51,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--secret-env", default=None, metavar="VAR", help="read the HMAC key from this environment variable")
     add.add_argument("--format", default="generic", choices=("generic", "slack", "alertmanager"))
     add.add_argument("--name", default="")
+    upd = wh.add_parser("update", help="rotate a secret, enable/disable, change url or format")
+    upd.add_argument("id", type=int)
+    upd.add_argument("--url", default=None)
+    upd.add_argument("--secret", default=None)
+    upd.add_argument("--secret-env", default=None, metavar="VAR")
+    upd.add_argument("--format", default=None, choices=("generic", "slack", "alertmanager"))
+    upd.add_argument("--name", default=None)
+    onoff = upd.add_mutually_exclusive_group()
+    onoff.add_argument("--enable", dest="enabled", action="store_const", const=True, default=None)
+    onoff.add_argument("--disable", dest="enabled", action="store_const", const=False)
     wh.add_parser("list", help="list webhooks (secrets are never shown)")
     for action, help_text in (("delete", "delete a webhook and cancel its pending deliveries"), ("test", "send a sample alert now")):
         p = wh.add_parser(action, help=help_text)
@@ -132,16 +142,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(args: argparse.Namespace) -> str | None:
+    if args.secret_env:
+        if args.secret_env not in os.environ:
+            raise CliError(f"--secret-env: environment variable {args.secret_env} is not set")
+        return os.environ[args.secret_env]
+    return args.secret
+
+
 def _dispatch(args: argparse.Namespace) -> Any:
     cmd = args.alerts_command
     if cmd == "webhooks":
         if args.action == "add":
-            secret = args.secret or ""
-            if args.secret_env:
-                if args.secret_env not in os.environ:
-                    raise CliError(f"--secret-env: environment variable {args.secret_env} is not set")
-                secret = os.environ[args.secret_env]
+            secret = _secret(args) or ""
             return _request(args, "POST", "/api/v1/alerts/webhooks", body={"url": args.url, "secret": secret, "format": args.format, "name": args.name})
+        if args.action == "update":
+            body = {"url": args.url, "secret": _secret(args), "format": args.format, "name": args.name, "enabled": args.enabled}
+            return _request(args, "PATCH", f"/api/v1/alerts/webhooks/{args.id}", body={k: v for k, v in body.items() if v is not None})
         if args.action == "list":
             return _request(args, "GET", "/api/v1/alerts/webhooks")
         if args.action == "delete":
