@@ -9,10 +9,23 @@ that such a job would show in NVML.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-_LOOP = "import time\nx = 0\nwhile True:\n    x = (x * 1103515245 + 12345) % 2147483648\n"
+# Burns CPU; exits by itself when its parent is gone or after 15 minutes, so a
+# lab killed without cleanup never leaves it spinning on a shared machine.
+_LOOP = """
+import os, sys, time
+parent = int(sys.argv[1])
+deadline = time.monotonic() + 900
+x = 0
+while True:
+    for _ in range(200000):
+        x = (x * 1103515245 + 12345) % 2147483648
+    if os.getppid() != parent or time.monotonic() > deadline:
+        break
+"""
 
 
 class Burner:
@@ -28,7 +41,7 @@ class Burner:
     def start(self) -> None:
         if self.running:
             return
-        self._proc = subprocess.Popen([sys.executable, "-c", _LOOP], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen([sys.executable, "-c", _LOOP, str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

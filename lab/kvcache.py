@@ -76,6 +76,15 @@ class KVCache:
             n += 1
         return n
 
+    def drop_unpinned(self) -> Eviction | None:
+        """Evict every unpinned prefix block (a request needs more than is free)."""
+        n = self._evict(len(self._lru))
+        if not n:
+            return None
+        ev = Eviction(blocks=n, reason="capacity", usage=self.usage())
+        self.evictions.append(ev)
+        return ev
+
     def can_fit(self, hashes: tuple[int, ...], private: int) -> bool:
         if self.capacity is None:
             return True

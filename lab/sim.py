@@ -322,9 +322,11 @@ def simulate(
                 if members:
                     skipped.append(lv)
                     break
-                # nothing running can be preempted between batches: shrink to the
-                # request's own need by dropping the whole prefix cache first
-                kv._evict(len(kv._lru))
+                # nothing runs between batches, so nothing can be preempted: make room
+                # by dropping the whole prefix cache (a lone request may over-commit)
+                dropped = kv.drop_unpinned()
+                if dropped is not None:
+                    kv_log.append(KvLog(t, dropped.blocks, dropped.reason, dropped.usage, None))
             hit, ev = kv.admit(lv.req.blocks, max(private, 1))
             if ev is not None:
                 kv_log.append(KvLog(t, ev.blocks, ev.reason, ev.usage, None))
