@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import time
 
 import httpx
 import pytest
@@ -115,6 +116,13 @@ def test_client_that_hangs_up_mid_body_does_not_hurt(make_server):
     req, ids = request_spans(3)
     assert _post(srv, req.SerializeToString()).status_code == 200
     assert {r[0] for r in srv.sql("SELECT span_id FROM spans")} == set(ids)
+    # The abandoned request is counted as a client error, not a server error.
+    for _ in range(100):
+        text = httpx.get(srv.url + "/metrics", timeout=5).text
+        if 'status="400"' in text:
+            break
+        time.sleep(0.05)  # the server notices the hang-up asynchronously; bounded poll
+    assert 'transport="http",status="400"' in text and 'status="500"' not in text
 
 
 def test_bad_content_length(make_server):
