@@ -31,7 +31,7 @@ import httpx
 from lab.gpu import GpuPlan, kv_points, points
 from lab.model import CompileEvent
 from lab.scenarios import Scenario
-from lab.sim import Outcome, ReplicaRun
+from lab.sim import ReplicaRun
 
 HOST = "lab-node-0"
 
