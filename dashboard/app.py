@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
 
-from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
+from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dashboard.components import error_line, error_message, guarded
 from dashboard.context import PageContext
-from dashboard.state import RANGE_LABELS, RANGES, REFRESH_CHOICES, ViewState, parse_search
+from dashboard.state import RANGE_LABELS, RANGES, REFRESH_CHOICES, ViewState, parse_search, parse_time
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -188,6 +188,16 @@ def build_dash(*, analyzer: Any, store: Any, config: Any) -> Dash:
         page = render_page(pathname, search, analyzer=analyzer, store=store, config=config)
         return page, nav_links(pathname, search)
 
+    @app.callback(
+        Output("url", "search", allow_duplicate=True),
+        Input({"type": "latency", "service": ALL}, "relayoutData"),
+        State("url", "search"),
+        prevent_initial_call=True,
+    )
+    def zoom(_relayouts: list[Any], search: str | None) -> Any:
+        triggered = ctx.triggered[0]["value"] if ctx.triggered else None
+        return zoom_search(triggered, search)
+
     @app.callback(Output("overview-slow", "children"), Input("overview-slow", "id"), State("url", "search"))
     def overview_slow(_id: str, search: str | None) -> Any:
         return overview_slow_callback(search, analyzer=analyzer, store=store, config=config)
@@ -196,6 +206,27 @@ def build_dash(*, analyzer: Any, store: Any, config: Any) -> Dash:
 
     sql_console.register(app, store, config)
     return app
+
+
+def zoom_search(relayout: dict[str, Any] | None, search: str | None) -> Any:
+    """A drag-zoom on a latency chart becomes a custom range in the URL (so the page re-renders
+    with finer buckets and the link can be shared); anything else changes nothing."""
+    if not relayout:
+        return no_update
+    lo, hi = relayout.get("xaxis.range[0]"), relayout.get("xaxis.range[1]")
+    if lo is None and isinstance(relayout.get("xaxis.range"), list) and len(relayout["xaxis.range"]) == 2:
+        lo, hi = relayout["xaxis.range"]
+    if lo is None or hi is None:
+        return no_update
+    try:
+        state, params = parse_search(search)
+        start, end = parse_time(str(lo), "start"), parse_time(str(hi), "end")
+    except Exception:  # noqa: BLE001 - a zoom that cannot be read keeps the view as it is
+        return no_update
+    if end <= start:
+        return no_update
+    extra = {k: v for k, v in params.items() if k not in ("range", "start", "end", "service", "refresh")}
+    return state.with_window(start, end).search(**extra)
 
 
 def overview_slow_callback(search: str | None, *, analyzer: Any, store: Any, config: Any, now: dt.datetime | None = None) -> Any:

@@ -192,7 +192,7 @@ def section(title: str, *children: Any, id: str | None = None) -> html.Section:
     return html.Section([html.H3(title), *children], className="ts-section", **kwargs)
 
 
-def graph(figure: Any, *, id: str | None = None) -> dcc.Graph:
+def graph(figure: Any, *, id: str | dict[str, str] | None = None) -> dcc.Graph:
     """A figure (a plotly Figure or a plain figure dict) in a responsive graph."""
     kwargs = {"id": id} if id else {}
     return dcc.Graph(figure=figure, config={"displaylogo": False, "responsive": True}, className="ts-graph", **kwargs)

@@ -141,7 +141,7 @@ def test_page_loads_clean(site: Any, tab: _Page, shots: Path, name: str, path: s
     for text in expected:
         assert text in body, f"{name}: {text!r} not shown"
     if name == "overview":
-        tab.page.wait_for_selector("#latency-chat-api .main-svg")
+        tab.page.wait_for_selector("#overview-latency .main-svg")
     tab.page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
     assert tab.problems == [], tab.problems
 
@@ -198,6 +198,24 @@ def test_sql_console_runs_and_refuses_a_write(site: Any, tab: _Page, shots: Path
     tab.page.screenshot(path=str(shots / "sql-refused.png"), full_page=False)
     count = running.store.cursor().execute("SELECT count(*) FROM spans").fetchone()[0]
     assert count > 0
+    assert tab.problems == [], tab.problems
+
+
+def test_dragging_over_a_latency_chart_zooms_the_view(site: Any, tab: _Page) -> None:
+    running, _ = site
+    tab.page.goto(running.url + "/dashboard/?range=1h")
+    tab.settle()
+    drag = tab.page.locator("#overview-latency .nsewdrag").first
+    box = drag.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    tab.page.mouse.move(box["x"] + box["width"] * 0.3, y)
+    tab.page.mouse.down()
+    tab.page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=8)
+    tab.page.mouse.up()
+    tab.page.wait_for_url("**/dashboard/?start=*&end=*")
+    tab.settle()
+    assert "11-" in tab.page.inner_text("#ctl-range") or "→" in tab.page.inner_text("#ctl-range")
     assert tab.problems == [], tab.problems
 
 

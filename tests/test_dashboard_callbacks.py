@@ -90,7 +90,7 @@ def walk(component: Any) -> Iterator[Any]:
     yield from walk(getattr(component, "children", None))
 
 
-def by_id(component: Any, id_: str) -> Any:
+def by_id(component: Any, id_: Any) -> Any:
     for c in walk(component):
         if getattr(c, "id", None) == id_:
             return c
@@ -136,7 +136,7 @@ def test_overview_shows_the_incident_and_its_cause(parts: dict[str, Any], filled
     assert errors(page) == []
     shown = " ".join(texts(page))
     assert "compile miss" in shown
-    fig = by_id(page, "latency-chat-api").figure
+    fig = by_id(page, {"type": "latency", "service": "chat-api"}).figure
     names = {t.name for t in fig.data}
     assert {"p50", "p95", "p99", "requests/s"} <= names
     # The incident is drawn as a band over the latency chart, where it happened.
@@ -239,10 +239,14 @@ def test_hours_page_heat_maps_per_service_and_provider(parts: dict[str, Any], fi
     _, sc = filled
     page = render(parts, "/dashboard/hours", window_search(sc))
     assert errors(page) == []
-    for id_ in ("hours-service-chat-api", "hours-service-embed-api", "hours-provider-openai @ api.openai.com"):
+    for id_ in ("hours-service-embed-api", "hours-provider-openai @ api.openai.com"):
         heat = by_id(page, id_).figure.data[0]
         assert len(heat.y) >= 3  # three days of background traffic
         assert len(heat.x) == 24
+        cells = [v for row in heat.z for v in row if v is not None]
+        assert len(cells) >= 48
+    chat = by_id(page, "hours-service-chat-api").figure.data[0]
+    assert [v for row in chat.z for v in row if v is not None]  # its last half hour
 
 
 def test_service_filter_restricts_pages(parts: dict[str, Any], filled: Any) -> None:
@@ -345,6 +349,17 @@ def test_bad_links_give_one_line(parts: dict[str, Any], search: str, message: st
     page = render(parts, "/dashboard/gpus", search)
     (line,) = errors(page)
     assert message in line
+
+
+def test_zooming_a_latency_chart_sets_a_custom_range() -> None:
+    from dash import no_update
+
+    from dashboard.app import zoom_search
+
+    out = zoom_search({"xaxis.range[0]": "2026-11-23 18:05:00.5", "xaxis.range[1]": "2026-11-23 18:20:00"}, "?range=6h&service=chat-api")
+    assert out == "?start=2026-11-23T18%3A05%3A00Z&end=2026-11-23T18%3A20%3A00Z&service=chat-api"
+    assert zoom_search({"xaxis.autorange": True}, "?range=6h") is no_update
+    assert zoom_search({"xaxis.range[0]": "garbage", "xaxis.range[1]": "x"}, "") is no_update
 
 
 def test_auto_refresh_spares_the_sql_console() -> None:

@@ -11,7 +11,9 @@ light background traffic (for the hour-of-day page):
   request that arrives on replica-2 while a compile runs is stalled behind it.
   That is the incident the pages must show, with cause ``compile_miss``.
 * ``embed-api`` on ``gpu-node-2``: requests calling an upstream provider
-  whose latency follows its hour of day.
+  whose latency follows its hour of day, also over the three days before
+  (chat-api has no such background: a service's windows widen with sparse
+  traffic, and the spike must stay sharp).
 * GPU gauges every 15 s (utilisation, memory, clocks, power, temperature,
   clocks-event reasons, per-process memory), with a short power-cap episode
   on gpu-node-1 GPU 0 well before the incident.
@@ -349,9 +351,6 @@ def send_scenario(url: str, now: dt.datetime | None = None) -> Scenario:
         for _ in range(6):
             at = hour + dt.timedelta(seconds=rng.uniform(0, 3600))
             request(tracer, "embed-api", "embed-1", "gpu-node-2", 0, at, provider=provider)
-        bg = traces.tracer("chat-api", "replica-1", "gpu-node-1", 4101)
-        for _ in range(4):
-            request(bg, "chat-api", "replica-1", "gpu-node-1", 0, hour + dt.timedelta(seconds=rng.uniform(0, 3600)))
         hour += dt.timedelta(hours=1)
 
     traces.close()

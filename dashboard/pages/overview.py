@@ -128,7 +128,8 @@ def render(ctx: PageContext) -> Any:
         if not series.get("points"):
             graphs.append(graph(empty_figure(f"{service}: no requests in this range")))
             continue
-        graphs.append(graph(latency_figure(series, incidents, service), id=f"latency-{service}"))
+        # Pattern-matching id: dragging over any service's chart zooms the whole view.
+        graphs.append(graph(latency_figure(series, incidents, service), id={"type": "latency", "service": service}))
     if not services:
         graphs.append(html.Div("No services have sent request spans yet.", className="ts-empty"))
 
