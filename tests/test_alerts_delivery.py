@@ -83,7 +83,7 @@ def test_signed_delivery_verifies(tmp_path: Path, receiver: Receiver, services: 
     body = got.json()
     assert body["event"] == "open" and body["incident"]["id"] == "inc-1"
     assert body["top_causes"][0]["cause"] == "compile_miss"
-    assert body["url"] == "http://dash.example:8080/dashboard/incident?id=inc-1"
+    assert body["url"] == "http://dash.example:8080/dashboard/incident/inc-1"
     assert got.header("Idempotency-Key") == f"tailscope-alert-{body['alert']['id']}-1"
     assert got.header("X-Tailscope-Event") == "open"
     assert got.header("Content-Type") == "application/json"
@@ -281,7 +281,7 @@ def test_test_send_reaches_the_receiver_signed(tmp_path: Path, receiver: Receive
     assert signing.verify(SECRET, got.header(signing.TIMESTAMP_HEADER), got.body, got.header(signing.SIGNATURE_HEADER))
     body = got.json()
     assert isinstance(body, list) and body[0]["labels"]["alertname"] == "TailscopeP99Incident"
-    assert body[0]["generatorURL"].startswith("http://dash.example/dashboard/incident?id=")
+    assert body[0]["generatorURL"].startswith("http://dash.example/dashboard/incident/")
     assert svc.list_deliveries()[0]["event"] == "test"
 
 

@@ -10,6 +10,7 @@ a window in which 15 % of requests stall in torch.compile recompiles.
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import time
 from pathlib import Path
@@ -61,7 +62,15 @@ def test_compile_spike_reaches_the_receiver_with_its_cause(make_server: Any) -> 
         assert top["cause"] == "compile_miss", body["top_causes"]
         assert top["recommendation"], top
         assert "size mismatch" in str(top["evidence"])  # the guard-failure reason travels with the alert
-        assert body["url"] == f"http://tailscope.test:4318/dashboard/incident?id={inc['id']}"
+        assert body["url"] == f"http://tailscope.test:4318/dashboard/incident/{inc['id']}"
+        # the link opens the dashboard's incident page for this incident (rendered by the real dashboard)
+        from urllib.parse import urlsplit
+
+        from dashboard.app import render_page
+
+        page = render_page(urlsplit(body["url"]).path, "", analyzer=srv.server.parts["analyzer"], store=srv.store, config=srv.server.config)
+        rendered = json.dumps(page.to_plotly_json(), default=lambda o: o.to_plotly_json() if hasattr(o, "to_plotly_json") else str(o))
+        assert "incident-title" in rendered and inc["id"] in rendered and "no such dashboard page" not in rendered
         alerts = httpx.get(srv.url + "/api/v1/alerts").json()["alerts"]
         assert len(alerts) == 1 and alerts[0]["incident_id"] == inc["id"] and alerts[0]["top_cause"] == "compile_miss"
         # the evaluator keeps running over the same open incident: no second message

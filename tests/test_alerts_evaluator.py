@@ -101,7 +101,7 @@ def test_default_rule_sends_every_open_incident_to_every_webhook_once(h: Harness
     assert generic["top_causes"][0]["cause"] == "compile_miss"
     assert generic["top_causes"][0]["recommendation"] == "fix compile_miss"
     assert generic["top_causes"][0]["evidence"] == {"spans": ["compile_miss-evidence"]}
-    assert generic["url"] == "https://tailscope.example/dashboard/incident?id=inc-1"
+    assert generic["url"] == "https://tailscope.example/dashboard/incident/inc-1"
     assert generic["alert"]["state"] == "open"
     slack = json.loads(next(d.body for d in ds if d.webhook_id == b["id"]))
     assert "compile_miss" in slack["text"] and slack["blocks"]

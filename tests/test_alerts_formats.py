@@ -14,7 +14,7 @@ from analyzer.alerts.models import FORMATS
 from test_alerts_evaluator import incident
 
 ALERT = {"id": 7, "incident_id": "inc-1", "state": "open", "seq": 1, "top_cause": "compile_miss", "opened_at": "2026-11-23T14:03:00.000Z", "resolved_at": None}
-LINK = "https://ts.example/dashboard/incident?id=inc-1"
+LINK = "https://ts.example/dashboard/incident/inc-1"
 
 
 def test_every_format_has_a_builder() -> None:
@@ -69,7 +69,7 @@ def test_incident_without_causes_still_renders() -> None:
 
 
 def test_link_quotes_the_id() -> None:
-    assert formats.incident_link("http://h:1/", "a b&c") == "http://h:1/dashboard/incident?id=a%20b%26c"
+    assert formats.incident_link("http://h:1/", "a b&c") == "http://h:1/dashboard/incident/a%20b%26c"
 
 
 def test_signature_is_hmac_of_timestamp_dot_body() -> None:

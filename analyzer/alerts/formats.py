@@ -19,7 +19,8 @@ MAX_CAUSES = 3
 
 
 def incident_link(base_url: str, incident_id: str) -> str:
-    return base_url.rstrip("/") + "/dashboard/incident?id=" + quote(str(incident_id), safe="")
+    """The dashboard's incident page (``/dashboard/incident/<id>``, dashboard/app.py's route)."""
+    return base_url.rstrip("/") + "/dashboard/incident/" + quote(str(incident_id), safe="")
 
 
 def _ms(value: Any) -> str:
