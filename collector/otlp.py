@@ -294,45 +294,21 @@ def _ts(ns: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(_TS, len(us), [None, pa.py_buffer(us)])
 
 
-_HEX = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint8).reshape(256, 2)
-
-
 class Ids:
-    """A column of binary ids: which are well formed, and their lowercase hex.
+    """A column of binary ids: which are well formed, and their lowercase hex (null if not)."""
 
-    Vectorised because hex-encoding and checking three ids per span one by one
-    costs more than decoding the span.
-    """
-
-    __slots__ = ("n", "length", "valid", "empty", "hex")
+    __slots__ = ("length", "valid", "empty", "hex")
 
     def __init__(self, ids: list[bytes], size: int) -> None:
-        n = self.n = len(ids)
-        arr = pa.array(ids, pa.binary())
-        offs = np.frombuffer(arr.buffers()[1], dtype=np.int32)[: n + 1]
-        raw = arr.buffers()[2]
-        data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, dtype=np.uint8)
-        self.length = np.diff(offs)
-        right = self.length == size
+        hexes = pa.array([b.hex() for b in ids], pa.string())
+        self.length = pc.binary_length(hexes).to_numpy(zero_copy_only=False) // 2
         self.empty = self.length == 0
-        rows = np.nonzero(right)[0]
-        if len(rows) == n:
-            mat = data[offs[0]: offs[0] + n * size].reshape(n, size)
-        else:
-            mat = data[offs[rows][:, None] + np.arange(size)]
-        nonzero = mat.any(axis=1)
-        self.valid = np.zeros(n, dtype=bool)
-        self.valid[rows] = nonzero
-        k = len(rows)
-        text = _HEX[mat].tobytes()
-        step = 2 * size
-        hexes = pa.StringArray.from_buffers(k, pa.py_buffer(np.arange(0, step * (k + 1), step, dtype=np.int32).tobytes()), pa.py_buffer(text))
-        if len(rows) == n and nonzero.all():
+        nonzero = pc.not_equal(hexes, "0" * (2 * size)).to_numpy(zero_copy_only=False)
+        self.valid = (self.length == size) & nonzero
+        if self.valid.all():
             self.hex = hexes
         else:
-            sel = np.full(n, -1, dtype=np.int64)
-            sel[rows[nonzero]] = np.nonzero(nonzero)[0]
-            self.hex = hexes.take(pa.array(sel, pa.int64(), mask=sel < 0))  # null where not a valid id
+            self.hex = pc.if_else(pa.array(self.valid, pa.bool_()), hexes, pa.scalar(None, pa.string()))
 
 
 class Reasons:
