@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
@@ -33,16 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailscope.grpc")
 
 
-def _request_classes() -> dict[str, tuple[str, Any]]:
-    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
-    return {
-        "traces": ("opentelemetry.proto.collector.trace.v1.TraceService", trace_service_pb2.ExportTraceServiceRequest),
-        "metrics": ("opentelemetry.proto.collector.metrics.v1.MetricsService", metrics_service_pb2.ExportMetricsServiceRequest),
-        "logs": ("opentelemetry.proto.collector.logs.v1.LogsService", logs_service_pb2.ExportLogsServiceRequest),
-    }
+# The three OTLP services; each has one unary method, Export.
+SERVICES: dict[str, str] = {
+    "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
+    "metrics": "opentelemetry.proto.collector.metrics.v1.MetricsService",
+    "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
+}
 
 
 def _retry_trailer(seconds: int) -> tuple[tuple[str, bytes], ...]:
@@ -104,8 +100,8 @@ class GrpcReceiver:
             maximum_concurrent_rpcs=self.workers * 4,
         )
         handlers = []
-        for signal, (service, request_cls) in _request_classes().items():
-            handler = grpc.unary_unary_rpc_method_handler(self._export_handler(signal, request_cls))
+        for signal, service in SERVICES.items():
+            handler = grpc.unary_unary_rpc_method_handler(self._export_handler(signal))
             handlers.append(grpc.method_handlers_generic_handler(service, {"Export": handler}))
         server.add_generic_rpc_handlers(tuple(handlers))
         try:
@@ -125,7 +121,7 @@ class GrpcReceiver:
         if server is not None:
             server.stop(grace).wait(grace + 5)
 
-    def _export_handler(self, signal: str, request_cls: Any) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    def _export_handler(self, signal: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         ingest = self.ingest
         metrics = ingest.metrics
         max_attribute_bytes = int(self.config.max_attribute_bytes)
@@ -152,11 +148,10 @@ class GrpcReceiver:
                 context.abort(code, exc.message)
                 raise  # unreachable: abort raises
             except Exception:
-                if status == "OK":
-                    status = "INTERNAL"
-                    log.exception("OTLP/gRPC %s export failed", signal)
-                    context.abort(grpc.StatusCode.INTERNAL, "internal error (details in the server log)")
-                raise
+                status = "INTERNAL"
+                log.exception("OTLP/gRPC %s export failed", signal)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error (details in the server log)")
+                raise  # unreachable: abort raises
             finally:
                 metrics.request(signal, "grpc", status, len(raw))
 
