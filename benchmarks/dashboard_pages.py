@@ -159,6 +159,8 @@ def main() -> None:
     analyzer = Analyzer(store, config)
     cur = store.cursor()
     newest = cur.execute("SELECT max(start_time) FROM spans").fetchone()[0]
+    built["spans"] = int(cur.execute("SELECT count(*) FROM spans").fetchone()[0])
+    built["metric_points"] = int(cur.execute("SELECT count(*) FROM metrics").fetchone()[0])
     cur.close()
     now = newest.replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1)
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from dashboard.components import error_line, error_message, guarded
+from dashboard.components import error_message, guarded
 from dashboard.context import PageContext
 from dashboard.state import RANGE_LABELS, RANGES, REFRESH_CHOICES, ViewState, parse_search, parse_time
 
@@ -298,4 +298,4 @@ def mount(app: "FastAPI", *, analyzer: Any, store: Any, config: Any) -> Dash:
     return dash_app
 
 
-__all__ = ["build_dash", "mount", "render_page", "nav_links", "sync_controls_callback", "error_line", "State"]
+__all__ = ["build_dash", "mount", "render_page", "nav_links", "sync_controls_callback", "overview_slow_callback", "zoom_search", "refreshes"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx

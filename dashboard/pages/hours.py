@@ -38,6 +38,8 @@ def heatmap(rows: list[dict[str, Any]], title: str) -> go.Figure:
             y=[d.isoformat() for d in days],
             customdata=n,
             colorscale="YlOrRd",
+            # One distinct value would get a degenerate colour scale: anchor it at zero.
+            zmin=0 if len({r["p99_ms"] for r in rows}) < 2 else None,
             colorbar={"title": {"text": "p99 ms"}},
             hovertemplate="%{y} %{x}:00 UTC<br>p99 %{z:.0f} ms<br>%{customdata} requests<extra></extra>",
             xgap=1,
