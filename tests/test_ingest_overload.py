@@ -23,14 +23,14 @@ def test_full_queue_answers_429_and_every_ack_is_stored(make_server):
     srv = make_server(queue_max_spans=1000, retry_after_s=2)
     ingest = srv.server.parts["ingest"]
     results: dict[int, tuple[int, str | None, list[str]]] = {}
-    done = threading.Event()
+    answered = threading.Condition()
 
     def send(k: int) -> None:
         req, ids = request_spans(300)
         r = httpx.post(srv.url + "/v1/traces", content=req.SerializeToString(), headers=PB, timeout=60)
-        results[k] = (r.status_code, r.headers.get("retry-after"), ids)
-        if len(results) == 10:
-            done.set()
+        with answered:
+            results[k] = (r.status_code, r.headers.get("retry-after"), ids)
+            answered.notify_all()
 
     with srv.store._write_lock:
         threads = [threading.Thread(target=send, args=(k,)) for k in range(10)]
@@ -38,10 +38,9 @@ def test_full_queue_answers_429_and_every_ack_is_stored(make_server):
             t.start()
         # 3 requests of 300 fit in 1000 items; the other 7 must be answered while the
         # store is still held (i.e. without waiting for any commit).
-        deadline = time.monotonic() + 60
-        while sum(1 for s, _, _ in results.values() if s == 429) < 7 and time.monotonic() < deadline:
-            done.wait(0.05)
-        refused = [k for k, (s, _, _) in results.items() if s == 429]
+        with answered:
+            answered.wait_for(lambda: sum(1 for s, _, _ in results.values() if s == 429) >= 7, timeout=60)
+            refused = [k for k, (s, _, _) in results.items() if s == 429]
         assert len(refused) == 7, results
         assert ingest.depth == 900
     for t in threads:
