@@ -8,7 +8,9 @@ files next to the run, never in the store). Prints one JSON object:
 - per scenario and overall:
   - ``incident_recall``: injections whose window [start, effect_end] is
     overlapped by an incident whose top cause is the injected cause
-    (``incident_recall_any_cause``: by any incident);
+    (``incident_recall_any_cause``: by any incident; ``incident_recall_listed``:
+    by one listing the injected cause with a share of at least 10 %, which is
+    what a mixture of two causes in one incident can be expected to get);
   - ``false_incidents``: incidents overlapping no injection window, and
     ``false_incidents_per_hour`` of the traffic outside injection windows;
   - slow requests are read in halves of the range when one page (5,000)
@@ -38,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SLOW_LIMIT = 5000  # the API's largest page
+MIN_LISTED_SHARE = 0.1  # incident_recall_listed: the injected cause among the causes with at least this share
 
 
 def _t(s: str) -> float:
@@ -53,17 +56,24 @@ def score(truth: dict[str, Any], incidents: list[dict[str, Any]], slow: list[dic
     start, end = _t(truth["start"]), _t(truth["end"])
     windows = [(_t(i["start"]), max(_t(i["end"]), _t(i["effect_end"])), i) for i in truth["injections"]]
     inc_spans = [(_t(x["start"]), _t(x["end"]), x) for x in incidents]
-    recalled = any_recalled = 0
+    recalled = any_recalled = listed = 0
     per_injection = []
     for w0, w1, inj in windows:
         over = [x for a, b, x in inc_spans if _overlap(a, b, w0, w1)]
         hit = any((x.get("causes") or [{}])[0].get("cause") == inj["cause"] for x in over)
         recalled += hit
         any_recalled += bool(over)
+        listed += any(c.get("cause") == inj["cause"] and c.get("share", 0) >= MIN_LISTED_SHARE for x in over for c in x.get("causes") or [])
         per_injection.append({"cause": inj["cause"], "instance": inj["instance"], "detected": bool(over), "top_cause_right": hit,
                               "found_top_causes": [(x.get("causes") or [{}])[0].get("cause") for x in over]})
     false = [x for a, b, x in inc_spans if not any(_overlap(a, b, w0, w1) for w0, w1, _ in windows)]
-    injected_s = sum(max(0.0, min(w1, end) - max(w0, start)) for w0, w1, _ in windows)
+    injected_s = 0.0  # the union of the injection windows (mixtures overlap)
+    reach = start
+    for w0, w1, _ in sorted(windows, key=lambda w: w[0]):
+        a, b = max(w0, reach, start), min(w1, end)
+        if b > a:
+            injected_s += b - a
+        reach = max(reach, w1)
     clean_hours = max(end - start - injected_s, 0.0) / 3600
 
     labelled = {r["trace_id"]: r for r in truth["requests"] if r["slow"]}
@@ -87,6 +97,7 @@ def score(truth: dict[str, Any], incidents: list[dict[str, Any]], slow: list[dic
         "incidents": len(incidents),
         "incident_recall": recalled / len(windows) if windows else None,
         "incident_recall_any_cause": any_recalled / len(windows) if windows else None,
+        "incident_recall_listed": listed / len(windows) if windows else None,
         "false_incidents": len(false),
         "false_incidents_per_hour": len(false) / clean_hours if clean_hours > 0 else None,
         "clean_hours": round(clean_hours, 3),
@@ -97,7 +108,7 @@ def score(truth: dict[str, Any], incidents: list[dict[str, Any]], slow: list[dic
         "precision": sum(1 for t in reported if t in labelled) / len(reported) if reported else None,
         "by_cause": by_cause,
         "per_injection": per_injection,
-        "_counts": {"recalled": recalled, "any": any_recalled, "both": len(both), "right": right, "unknown": unknown,
+        "_counts": {"recalled": recalled, "any": any_recalled, "listed": listed, "both": len(both), "right": right, "unknown": unknown,
                     "reported_true": sum(1 for t in reported if t in labelled), "false": len(false)},
     }
 
@@ -114,6 +125,7 @@ def overall(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "injections": inj,
         "incident_recall": cnt("recalled") / inj if inj else None,
         "incident_recall_any_cause": cnt("any") / inj if inj else None,
+        "incident_recall_listed": cnt("listed") / inj if inj else None,
         "false_incidents": cnt("false"),
         "false_incidents_per_hour": cnt("false") / clean if clean else None,
         "false_incidents_per_hour_control": (control["incidents"] / control["clean_hours"]) if control and control["clean_hours"] else None,
