@@ -148,7 +148,7 @@ class Lab:
             emitted = emit_chat(scn, runs, base_epoch, endpoint, self.config.scale, token, self.progress)
         else:
             emitted = emit_gateway(scn, actual, base_epoch, endpoint, token)
-        injections = self._windows(scn, base_epoch, labels)
+        injections = self._windows(scn, base_epoch, labels, runs)
         doc = {
             "scenario": scn.name,
             "description": scn.description,
@@ -180,6 +180,7 @@ class Lab:
         path = out_dir / f"{scn.name}.truth.json"
         path.write_text(json.dumps(doc))
         compiles = sum(1 for run in runs.values() for b in run.batches if b.compile is not None)
+        compiles += sum(len(l.warmup) for run in runs.values() for l in run.loads)
         lat = sorted(labels[r].latency for r in labels)
         stats = {
             "p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
@@ -195,10 +196,13 @@ class Lab:
         )
 
     @staticmethod
-    def _windows(scn: Scenario, base_epoch: float, labels: dict[int, truth.Label]) -> list[dict[str, Any]]:
+    def _windows(scn: Scenario, base_epoch: float, labels: dict[int, truth.Label], runs: dict[int, ReplicaRun]) -> list[dict[str, Any]]:
         out = []
         for inj in scn.injections:
             start, end = inj.start, inj.end
+            if inj.cause == "cold_start" and inj.replica in runs:
+                # the replica is down for the weight load plus its real warm-up compiles
+                end = max([end] + [l.end for l in runs[inj.replica].loads if l.start >= inj.start])
             if inj.cause == "provider_load" and scn.provider is not None:
                 a, b = scn.provider.busy_hours_utc(base_epoch + scn.duration / 2)
                 start, end = a - base_epoch, b - base_epoch
