@@ -258,35 +258,44 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
     # --- 3. KV evictions and preemptions --------------------------------------
     victim_rows = ev.evict_victim.get(req["trace_id"], [])
     preempt = int(req.get("kv_preemptions") or 0)
+    other = () if has_compute else ("other",)
     if victim_rows or preempt > 0:
         rows = [_evict_row(e) for e in victim_rows[:5]]
         if preempt > 0:
             rows.append({"kind": "preemptions", "kv_preemptions": preempt})
-        led.claim_pools("kv_eviction", ("prefill", "decode", "queue") + (() if has_compute else ("other",)), math.inf, rows)
+        led.claim_pools("kv_eviction", ("prefill", "decode", "queue") + other, math.inf, rows)
     else:
-        pressure = [e for e in (ev.evict_instance.get(inst, []) if inst else []) if not e.get("victim") and t0 - 1 <= e["t"] <= t1]
-        prev = ev.session_prev.get((req["trace_id"], req["span_id"]))
-        lost = _prefix_lost(req, prev)
-        rows = [_evict_row(e) for e in pressure[:5]]
+        near = [e for e in (ev.evict_instance.get(inst, []) if inst else []) if t0 - 30 <= e["t"] <= t1]
+        pressure = [e for e in near if e.get("kv_reason") != "prefix_lru" and e.get("victim") != req["trace_id"]]
+        expected = ev.evict_ref.get(inst or "", 0.0) * (t1 - t0 + 30)
+        if len(pressure) >= 3 and len(pressure) >= 3 * expected:
+            # The cache is full: new requests wait for blocks, running ones recompute.
+            led.claim_pools("kv_eviction", ("queue", "prefill") + other, math.inf,
+                            [dict(_evict_row(e), normal_rate_per_s=_r(ev.evict_ref.get(inst or "", 0.0), 4)) for e in pressure[:5]])
+        lost = _prefix_lost(req, ev.session_prev.get((req["trace_id"], req["span_id"])))
         if lost:
-            rows.append(lost)
-        if rows:
-            led.claim_pools("kv_eviction", ("prefill",) + (() if has_compute else ("other",)), math.inf, rows)
+            led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, [lost])
 
     # --- 4. the GPU: throttled clocks, XIDs, foreign processes ----------------
+    # A degraded GPU slows the request's own compute, and the replica's queue
+    # builds behind the slower service: both are the GPU's doing.
     host, gpu = req.get("host_name"), req.get("gpu_index")
     throttle = _throttle(ev, host, gpu, t0, t1)
     if throttle:
         frac, rows = throttle
         led.claim_pools("gpu_throttle", compute_pools, compute_ms * frac if frac < 1 else math.inf, rows)
+        led.claim_pools("gpu_throttle", ("queue",), math.inf, rows[:1])
     foreign = _foreign(ev, host, gpu, req.get("process_pid"), t0, t1)
     if foreign:
-        led.claim_pools("gpu_contention", compute_pools, math.inf, foreign)
+        led.claim_pools("gpu_contention", compute_pools + ("queue",), math.inf, foreign)
 
-    # --- 5. the batch it ran in -----------------------------------------------
+    # --- 5. the batch it ran in, and the batch it queued behind -----------------
+    ref_b = ev.batch_ref.get(req.get("service"))
     batch = ev.batch_of.get(key)
     if batch:
-        _batch(led, req, batch, ev.batch_ref.get(req.get("service")), compute_pools, compute_ms, has_compute)
+        _batch(led, req, batch, ref_b, compute_pools, compute_ms)
+    if led.pools["queue"] > 0 and inst:
+        _queued_behind(led, req, ev.batches_on.get(inst, []), ref_b, stages, comp)
 
     # --- 6. the upstream provider ---------------------------------------------
     if led.pools["provider_call"] > 0:
@@ -305,6 +314,12 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
         sat = _saturation(ev, req.get("service"), t0)
         if sat:
             led.claim_pools("queue_saturation", ("queue",) + (() if comp["queue"] is not None else ("other",)), math.inf, [sat])
+
+    # --- 9. a batch that waited long to fill ----------------------------------
+    # Last among queue claims: a batch "waits" whenever its members queue, for
+    # whatever reason; only what nothing else explains is the fill wait itself.
+    if batch and led.pools["queue"] > 0:
+        _batch_wait(led, batch, ref_b, has_compute)
 
     causes = []
     for cause, ms in sorted(led.ms.items(), key=lambda kv: -kv[1]):
@@ -414,31 +429,74 @@ def _foreign(ev: Evidence, host: str | None, gpu: int | None, pid: int | None, t
              "serving_pid": pid} for p, m in sorted(seen.items(), key=lambda kv: -kv[1])]
 
 
-def _batch(led: Ledger, req: dict, b: dict, ref: dict | None, compute_pools: tuple[str, ...], compute_ms: float, has_compute: bool) -> None:
+def _batch_row(req: dict, b: dict, ref: dict | None) -> dict:
     own = req.get("shape_len") or req.get("input_tokens")
     max_len = b.get("batch_max_len") or b.get("longest_tokens")
     real, padded = b.get("batch_real_tokens"), b.get("batch_padded_tokens")
-    row = {"kind": "batch", "batch_id": b.get("batch_id"), "batch_span_id": b.get("b_span"), "size": b.get("batch_size"),
-           "max_len": max_len, "own_len": own, "longest_member_trace_id": b.get("longest_trace"),
-           "padded_tokens": padded, "real_tokens": real, "wait_ms": _r((b.get("batch_wait_s") or 0) * 1000.0)}
+    own_out, max_out = req.get("output_tokens"), b.get("longest_output")
+    return {"kind": "batch", "batch_id": b.get("batch_id"), "batch_span_id": b.get("b_span"), "size": b.get("batch_size"),
+            "max_len": max_len, "own_len": own, "longest_member_trace_id": b.get("longest_trace"),
+            "own_output_tokens": own_out, "longest_output_tokens": max_out,
+            "longest_output_trace_id": b.get("longest_output_trace"),
+            "padded_tokens": padded, "real_tokens": real, "wait_ms": _r((b.get("batch_wait_s") or 0) * 1000.0),
+            "hol_ratio": _r(max_len / own, 2) if own and max_len else None,
+            "output_hol_ratio": _r(max_out / own_out, 2) if own_out and max_out else None,
+            "padding_ratio": _r(padded / real, 2) if real and padded else None,
+            "normal_padding_ratio": _r((ref or {}).get("pad_p50"), 2), "normal_len_spread": _r((ref or {}).get("spread_p50"), 2),
+            "normal_output_spread": _r((ref or {}).get("out_spread_p50"), 2)}
+
+
+def _batch(led: Ledger, req: dict, b: dict, ref: dict | None, compute_pools: tuple[str, ...], compute_ms: float) -> None:
+    """Head-of-line blocking inside its own batch: longer inputs (padding) or longer generations."""
+    row = _batch_row(req, b, ref)
+    hol, pad, out_hol = row["hol_ratio"] or 1.0, row["padding_ratio"] or 1.0, row["output_hol_ratio"] or 1.0
     pad_ref = (ref or {}).get("pad_p50") or 1.0
     spread_ref = (ref or {}).get("spread_p50") or 1.0
-    hol = max_len / own if own and max_len else 1.0
-    pad = padded / real if real and padded else 1.0
-    row.update({"hol_ratio": _r(hol, 2), "padding_ratio": _r(pad, 2), "normal_padding_ratio": _r(pad_ref, 2),
-                "normal_len_spread": _r(spread_ref, 2)})
-    wait = b.get("batch_wait_s")
-    if wait is not None:
-        w50 = (ref or {}).get("wait_p50") or 0.0
-        w90 = (ref or {}).get("wait_p90") or 0.0
-        if wait > max(2.0 * w90, w50 + 0.005):
-            row["normal_wait_ms"] = _r(w50 * 1000.0)
-            led.claim_pools("batch_contention", ("queue",) + (() if has_compute else ("other",)), (wait - w50) * 1000.0, [dict(row, via="batch_wait")])
+    out_ref = (ref or {}).get("out_spread_p50") or 1.0
     abnormal_hol = hol >= 2.0 and hol >= 1.5 * spread_ref
     abnormal_pad = pad >= 1.3 and pad >= 1.5 * pad_ref
+    abnormal_out = out_hol >= 2.0 and out_hol >= 1.5 * out_ref
+    if abnormal_out:
+        # A static batch decodes until its longest generation ends.
+        decode_pool = ("decode",) if "decode" in compute_pools else compute_pools
+        led.claim_pools("batch_contention", decode_pool, math.inf, [dict(row, via="longest_generation")])
     if abnormal_hol or abnormal_pad:
         frac = max(1.0 - 1.0 / hol if hol > 1 else 0.0, 1.0 - 1.0 / pad if pad > 1 else 0.0)
         led.claim_pools("batch_contention", compute_pools, compute_ms * frac, [dict(row, via="head_of_line" if abnormal_hol else "padding")])
+
+
+def _queued_behind(led: Ledger, req: dict, batches: list[dict], ref: dict | None, stages: dict, comp: dict) -> None:
+    """The request queued while an abnormally long batch held its replica."""
+    normal = (ref or {}).get("duration_p50")
+    if not normal or not batches:
+        return
+    t0 = float(req["t0"])
+    q = stages.get("queue") or ([(t0, t0 + (comp.get("queue") or 0.0) / 1000.0)] if comp.get("queue") else [])
+    if not q:
+        return
+    qa, qb = q[0][0], q[-1][1]
+    long_ones = [b for b in batches if (b.get("duration_ms") or 0) > 3.0 * normal and _overlap(b["a"], b["b"], qa, qb) > 0]
+    if not long_ones:
+        return
+    worst = max(long_ones, key=lambda b: b["duration_ms"])
+    overlap_ms = sum(_overlap(b["a"], b["b"], qa, qb) for b in long_ones) * 1000.0
+    led.claim_pools("batch_contention", ("queue",), overlap_ms,
+                    [{"kind": "batch_ahead", "batch_id": worst.get("batch_id"), "batch_span_id": worst.get("b_span"),
+                      "duration_ms": _r(worst.get("duration_ms")), "normal_duration_ms": _r(normal),
+                      "size": worst.get("batch_size"), "max_len": worst.get("batch_max_len"), "via": "queued_behind"}])
+
+
+def _batch_wait(led: Ledger, b: dict, ref: dict | None, has_compute: bool) -> None:
+    wait = b.get("batch_wait_s")
+    if wait is None:
+        return
+    w50 = (ref or {}).get("wait_p50") or 0.0
+    w90 = (ref or {}).get("wait_p90") or 0.0
+    if wait > max(2.0 * w90, w50 + 0.005):
+        led.claim_pools("batch_contention", ("queue",) + (() if has_compute else ("other",)), (wait - w50) * 1000.0,
+                        [{"kind": "batch_wait", "batch_id": b.get("batch_id"), "batch_span_id": b.get("b_span"),
+                          "wait_ms": _r(wait * 1000.0), "normal_wait_ms": _r(w50 * 1000.0), "size": b.get("batch_size"),
+                          "via": "batch_wait"}])
 
 
 def _provider_row(c: dict, ev: Evidence) -> dict:

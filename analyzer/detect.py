@@ -107,6 +107,7 @@ def detect(
     share_fallback = robust(share_arr[valid]) if share_arr is not None else None
     share = share_arr.tolist() if share_arr is not None else None
     p99l = p99.tolist()
+    valid_idx = [int(j) for j in np.flatnonzero(valid)]
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
@@ -123,10 +124,22 @@ def detect(
         if current is not None and frozen is not None:
             base, sbase = frozen, sfrozen
         else:
-            hist = normal[-HISTORY_WINDOWS:]
-            base = robust([p99l[j] for j in hist]) if len(hist) >= MIN_HISTORY else fallback
-            if share is not None:
-                sbase = robust([share[j] for j in hist]) if len(hist) >= MIN_HISTORY else share_fallback
+            # Recent normal windows, and only recent ones: after a gap in the data
+            # (a replica pool idle overnight, a re-deploy) old windows are stale.
+            horizon = HISTORY_WINDOWS * step_s
+            hist = [j for j in normal[-HISTORY_WINDOWS:] if t[i] - t[j] <= horizon]
+            if len(hist) >= MIN_HISTORY:
+                base = robust([p99l[j] for j in hist])
+                if share is not None:
+                    sbase = robust([share[j] for j in hist])
+            else:
+                # Warm-up: too little history yet; judge against the windows
+                # around this one (both sides), a robust median of which a
+                # spike of a few windows cannot move.
+                near = [j for j in valid_idx if abs(t[j] - t[i]) <= horizon]
+                base = robust([p99l[j] for j in near]) if len(near) >= 3 else fallback
+                if share is not None:
+                    sbase = robust([share[j] for j in near]) if len(near) >= 3 else share_fallback
             if span_days >= 1:
                 same = [j for j in by_hour.get(int(hour[i]), [])[-4 * HISTORY_WINDOWS:] if t[i] - t[j] >= DAY_S - 3600]
                 if len(same) >= MIN_HISTORY:

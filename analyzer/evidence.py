@@ -51,6 +51,8 @@ class Evidence:
     session_prev: dict[tuple[str, str], dict] = field(default_factory=dict)
     batch_of: dict[tuple[str, str], dict] = field(default_factory=dict)
     batch_ref: dict[str, dict] = field(default_factory=dict)  # by service
+    batches_on: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
+    evict_ref: dict[str, float] = field(default_factory=dict)  # capacity/preemption evictions per second, by instance
     gpu: dict[tuple[str, int | None], dict[str, list[tuple[float, float, int | None]]]] = field(default_factory=dict)
     gpu_ref: dict[tuple[str, int | None], dict] = field(default_factory=dict)
     foreign_presence: dict[tuple[str, int | None, int], float] = field(default_factory=dict)
@@ -118,6 +120,7 @@ def gather(
         _children(con, ev, lo, hi)
         _stalls(con, ev, lo, hi)
         _evictions(con, ev, lo, hi)
+        _eviction_rates(con, ev, ref_start, ref_end)
         _sessions(con, ev, lo, hi)
         _batches(con, ev, lo, hi, ref_start, ref_end)
         _gpu(con, ev, lo, hi, ref_start)
@@ -194,6 +197,19 @@ def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: d
             ev.evict_instance[row["instance"]].append(row)
 
 
+def _eviction_rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, ref_end: datetime) -> None:
+    seconds = max((ref_end - ref_start).total_seconds(), 1.0)
+    cur = con.execute(
+        """SELECT service_instance_id, count(*) FROM logs
+           WHERE event_name = 'tailscope.kv.eviction' AND coalesce(kv_reason, '') <> 'prefix_lru'
+             AND time >= ? AND time < ? AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+           GROUP BY ALL""",
+        [ref_start, ref_end],
+    )
+    for inst, n in cur.fetchall():
+        ev.evict_ref[inst] = n / seconds
+
+
 def _sessions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
     """Each slow request's previous turn in its session (for prefix-cache hits that fell)."""
     cur = con.execute(
@@ -244,15 +260,16 @@ def _batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: dat
         try:
             cur = con.execute(
                 f"""WITH m AS (
-                      SELECT batch_id AS key, trace_id, coalesce(shape_len, input_tokens) AS len, input_tokens
+                      SELECT batch_id AS key, trace_id, coalesce(shape_len, input_tokens) AS len, input_tokens, output_tokens
                       FROM spans WHERE {REQUEST_PREDICATE} AND batch_id IN (SELECT batch_id FROM _bids)
                         AND start_time >= ? - INTERVAL 10 MINUTE AND start_time <= ?
                       UNION ALL
-                      SELECT l.span_id AS key, r.trace_id, coalesce(r.shape_len, r.input_tokens), r.input_tokens
+                      SELECT l.span_id AS key, r.trace_id, coalesce(r.shape_len, r.input_tokens), r.input_tokens, r.output_tokens
                       FROM span_links l JOIN _bspans b ON l.trace_id = b.t AND l.span_id = b.s
                       JOIN spans r ON r.span_id = l.linked_span_id AND r.trace_id = l.linked_trace_id
                     )
                     SELECT key, arg_max(trace_id, input_tokens) AS longest_trace, max(input_tokens) AS longest_tokens,
+                        arg_max(trace_id, output_tokens) AS longest_output_trace, max(output_tokens) AS longest_output,
                         count(*) AS members
                     FROM m GROUP BY key""",
                 [lo, hi],
@@ -266,12 +283,14 @@ def _batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: dat
             if info:
                 row["longest_trace"] = info["longest_trace"]
                 row["longest_tokens"] = info["longest_tokens"]
+                row["longest_output_trace"] = info["longest_output_trace"]
+                row["longest_output"] = info["longest_output"]
     cur = con.execute(
         """SELECT service_name AS service, count(*) AS n,
               median(batch_wait_s) AS wait_p50, quantile_cont(batch_wait_s, 0.9) AS wait_p90,
               median(batch_padded_tokens::DOUBLE / nullif(batch_real_tokens, 0)) AS pad_p50,
               median(batch_max_len::DOUBLE / nullif(batch_min_len, 0)) AS spread_p50,
-              median(batch_size) AS size_p50
+              median(batch_size) AS size_p50, median(duration_ms) AS duration_p50
            FROM spans WHERE role = 'batch' AND start_time >= ? AND start_time < ?
              AND service_name IN (SELECT DISTINCT service FROM _slow)
            GROUP BY ALL""",
@@ -279,6 +298,31 @@ def _batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: dat
     )
     for row in _rows(cur):
         ev.batch_ref[row["service"]] = row
+    # How unequal members' output lengths normally are (static batches run until
+    # the longest generation ends): median of max/min output per batch.
+    cur = con.execute(
+        f"""SELECT service, median(mx::DOUBLE / greatest(mn, 1)) AS out_spread_p50 FROM (
+              SELECT service_name AS service, batch_id, max(output_tokens) AS mx, min(output_tokens) AS mn
+              FROM spans WHERE {REQUEST_PREDICATE} AND batch_id IS NOT NULL AND start_time >= ? AND start_time < ?
+                AND service_name IN (SELECT DISTINCT service FROM _slow)
+              GROUP BY ALL HAVING count(*) > 1)
+           GROUP BY service""",
+        [ref_start, ref_end],
+    )
+    for service, spread in cur.fetchall():
+        ev.batch_ref.setdefault(service, {})["out_spread_p50"] = spread
+    # Batches that ran on the slow requests' instances around them: a request
+    # queued behind an abnormally long batch waited on that batch.
+    cur = con.execute(
+        """SELECT service_instance_id AS instance, trace_id AS b_trace, span_id AS b_span, batch_id,
+              epoch(start_time) AS a, epoch(end_time) AS b, duration_ms, batch_size, batch_max_len
+           FROM spans WHERE role = 'batch' AND start_time >= ? - INTERVAL 2 MINUTE AND start_time <= ?
+             AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+           ORDER BY start_time""",
+        [lo, hi],
+    )
+    for row in _rows(cur):
+        ev.batches_on[row["instance"]].append(row)
 
 
 def _gpu(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime, ref_start: datetime) -> None:
