@@ -21,6 +21,7 @@ from lab.loadgen import (
     PROMPT_MAX,
     LengthSampler,
     azure_or_synthetic,
+    scale_lengths,
     diurnal,
     mooncake_or_synthetic,
     poisson,
@@ -159,6 +160,25 @@ def _base(seed: int, data_dir: Path | None, replicas: int = 2, rate: float = BAS
 def control(seed: int = 1, data_dir: Path | None = None) -> Scenario:
     _, _, _, reqs = _base(seed, data_dir)
     return Scenario("control", "steady Poisson traffic, bucketing on, nothing injected", "chat-api", DURATION, _specs(2), reqs, [])
+
+
+def control_azure(seed: int = 12, data_dir: Path | None = None, from_minute: float = 20.0) -> Scenario:
+    """The Azure conv trace's own arrivals (minutes 20-32, its load swell, at real
+    speed) and lengths, nothing injected: a control with real burstiness."""
+    rng = random.Random(seed)
+    rows, source = azure_or_synthetic(data_dir)
+    t0 = from_minute * 60
+    picked = [(t - t0, c, g) for t, c, g in rows if t0 <= t < t0 + DURATION]
+    sessions = Sessions(48, rng)
+    reqs = []
+    for k, (t, c, g) in enumerate(picked):
+        shape = scale_lengths(c, g)
+        sid, prompt, blocks = sessions.turn(shape.prompt, shape.output)
+        reqs.append(Request(k, t, prompt, shape.output, k % 2, "base", sid, blocks))
+    return Scenario(
+        "control_azure", f"replay of the Azure LLM conv trace's arrivals and lengths (minutes {from_minute:.0f}-{from_minute + 12:.0f}, its load swell), nothing injected",
+        "chat-api", DURATION, _specs(2), reqs, [], sources=[source + f", arrivals replayed from minute {from_minute:.0f}"],
+    )
 
 
 def compile_miss(seed: int = 2, data_dir: Path | None = None, window: Window = WINDOW, replica: int = 0) -> Scenario:
@@ -312,6 +332,7 @@ def mix_queue_kv(seed: int = 11, data_dir: Path | None = None) -> Scenario:
 
 CATALOG: dict[str, Callable[..., Scenario]] = {
     "control": control,
+    "control_azure": control_azure,
     "compile_miss": compile_miss,
     "kv_eviction": kv_eviction,
     "batch_contention": batch_contention,

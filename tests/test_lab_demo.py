@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lab import demo
+from lab.scenarios import CATALOG
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def test_bad_minutes_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 
 def test_scenario_lists_expand() -> None:
     assert demo._scenarios(["compile_miss,gpu_throttle", "compile_miss"]) == ["compile_miss", "gpu_throttle"]
-    assert len(demo._scenarios(["all"])) == 11
+    assert demo._scenarios(["all"]) == list(CATALOG)
     assert demo._scenarios(None) == list(demo.DEFAULT_MIX)
 
 
