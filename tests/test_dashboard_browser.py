@@ -1,9 +1,13 @@
 """End-to-end: real headless Chromium (Debian's) against the real server.
 
-The server is filled through the real OTLP ingest with the scenario of
-``test_dashboard_scenario`` (a compile-miss spike on replica-2). Each page
-must load with no console error and show the incident and its cause; the SQL
-console must run a query and refuse a write.
+The server is filled by the lab's ``compile_miss`` scenario (a real small
+model served with real torch.compile: bucketing is switched off on replica-0
+for three minutes, so new input lengths really recompile while requests
+queue) and, for the multi-service pages (a provider with an hour-of-day
+profile, a GPU power-cap episode, KV evictions), by the OTLP scenario of
+``test_dashboard_scenario``. Each page must load with no console error and
+show the incident and its cause; the SQL console must run a query and refuse
+a write.
 
 Screenshots go to a temporary folder, or to ``$DASHBOARD_SCREENSHOTS_DIR``
 when set (``docs/screenshots/`` is refreshed that way).
@@ -37,19 +41,42 @@ class _Running:
         return self.server.store
 
 
+class _Site:
+    """The running server and what was sent to it."""
+
+    def __init__(self, running: _Running, lab: Any, otlp: Scenario) -> None:
+        self.running = running
+        self.url = running.url
+        self.lab = lab  # lab.runner.ScenarioResult
+        self.otlp = otlp
+
+    @property
+    def lab_window(self) -> str:
+        """The lab scenario's virtual day, with five minutes either side."""
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        start = dt.datetime.fromtimestamp(self.lab.start - 300, tz=dt.timezone.utc)
+        end = dt.datetime.fromtimestamp(self.lab.end + 300, tz=dt.timezone.utc)
+        return f"?start={start.strftime(fmt)}&end={end.strftime(fmt)}"
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Running, Scenario]]:
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Site]:
+    pytest.importorskip("torch")
+    from lab.runner import run_scenarios
     from tailscope.config import load
     from tailscope.server import build_server
 
-    db = tmp_path_factory.mktemp("dash-browser") / "store.duckdb"
-    server = build_server(load({"db": str(db), "port": 0, "grpc_port": 0, "dashboard": True}, environ={}))
+    from conftest import SHARED_DATA
+
+    root = tmp_path_factory.mktemp("dash-browser")
+    server = build_server(load({"db": str(root / "store.duckdb"), "port": 0, "grpc_port": 0, "dashboard": True}, environ={}))
     port = server.serve_in_thread()
     running = _Running(server, port)
     try:
-        sc = send_scenario(running.url)
-        wait_ingested(running, sc)
-        yield running, sc
+        (lab,) = run_scenarios(["compile_miss"], running.url, root / "lab", data_dir=SHARED_DATA)
+        otlp = send_scenario(running.url)
+        wait_ingested(running, otlp, extra=lab.spans)
+        yield _Site(running, lab, otlp)
     finally:
         server.shutdown_thread()
 
@@ -116,26 +143,27 @@ def tab(context: Any) -> Iterator[_Page]:
     p.close()
 
 
-def _window(sc: Scenario) -> str:
+def _otlp_window(sc: Scenario) -> str:
     start = sc.now - dt.timedelta(minutes=35)
     end = sc.now + dt.timedelta(minutes=1)
     return f"?start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
 
 
+# (name, path, which data, texts the page must show)
 PAGES = [
-    ("overview", "", ["Overview", "compile miss", "Incidents"]),
-    ("gpus", "gpus", ["SW power cap", "Per-process GPU memory"]),
-    ("shapes", "shapes", ["Recommended buckets", "size mismatch at index 1", "recompile"]),
-    ("batching", "batching", ["Head-of-line cases", "shortest ("]),
-    ("hours", "hours", ["Hour of day", "Per provider"]),
-    ("sql", "sql", ["SQL console", "Tables", "span_links"]),
+    ("overview", "", "lab", ["Overview", "compile miss", "Incidents (1)", "chat-api"]),
+    ("gpus", "gpus", "otlp", ["SW power cap", "Per-process GPU memory", "gpu-node-2"]),
+    ("shapes", "shapes", "lab", ["Recommended buckets", "size mismatch", "recompile"]),
+    ("batching", "batching", "lab", ["Head-of-line cases", "Batch size, padding waste"]),
+    ("hours", "hours", "otlp", ["Hour of day", "Per provider", "openai"]),
+    ("sql", "sql", "otlp", ["SQL console", "Tables", "span_links"]),
 ]
 
 
-@pytest.mark.parametrize("name, path, expected", PAGES, ids=[p[0] for p in PAGES])
-def test_page_loads_clean(site: Any, tab: _Page, shots: Path, name: str, path: str, expected: list[str]) -> None:
-    running, sc = site
-    tab.page.goto(running.url + "/dashboard/" + path + _window(sc))
+@pytest.mark.parametrize("name, path, data, expected", PAGES, ids=[p[0] for p in PAGES])
+def test_page_loads_clean(site: _Site, tab: _Page, shots: Path, name: str, path: str, data: str, expected: list[str]) -> None:
+    window = site.lab_window if data == "lab" else _otlp_window(site.otlp)
+    tab.page.goto(site.url + "/dashboard/" + path + window)
     tab.settle()
     body = tab.page.inner_text("#page")
     for text in expected:
@@ -146,9 +174,8 @@ def test_page_loads_clean(site: Any, tab: _Page, shots: Path, name: str, path: s
     assert tab.problems == [], tab.problems
 
 
-def test_incident_and_request_pages_via_links(site: Any, tab: _Page, shots: Path) -> None:
-    running, sc = site
-    tab.page.goto(running.url + "/dashboard/" + _window(sc))
+def test_incident_and_request_pages_via_links(site: _Site, tab: _Page, shots: Path) -> None:
+    tab.page.goto(site.url + "/dashboard/" + site.lab_window)
     tab.settle()
     tab.page.click("a.incident-link >> nth=0")
     tab.page.wait_for_url("**/dashboard/incident/**")
@@ -164,7 +191,7 @@ def test_incident_and_request_pages_via_links(site: Any, tab: _Page, shots: Path
     tab.page.wait_for_selector("#request-waterfall .main-svg")
     tab.settle()
     body = tab.page.inner_text("#page")
-    assert "Why it was slow" in body and "compile miss" in body and "size mismatch" in body
+    assert "Why it was slow" in body and "compile miss" in body and "Compiles that overlapped it" in body
     tab.page.screenshot(path=str(shots / "request.png"), full_page=True)
 
     # The incident link is a plain URL: pasted into a fresh tab it opens the same page.
@@ -175,8 +202,8 @@ def test_incident_and_request_pages_via_links(site: Any, tab: _Page, shots: Path
     assert tab.problems == [], tab.problems
 
 
-def test_sql_console_runs_and_refuses_a_write(site: Any, tab: _Page, shots: Path) -> None:
-    running, _ = site
+def test_sql_console_runs_and_refuses_a_write(site: _Site, tab: _Page, shots: Path) -> None:
+    running = site.running
     tab.page.goto(running.url + "/dashboard/sql")
     tab.settle()
     tab.page.fill("#sql-editor", "SELECT role, count(*) AS spans FROM spans GROUP BY role ORDER BY spans DESC")
@@ -201,9 +228,8 @@ def test_sql_console_runs_and_refuses_a_write(site: Any, tab: _Page, shots: Path
     assert tab.problems == [], tab.problems
 
 
-def test_dragging_over_a_latency_chart_zooms_the_view(site: Any, tab: _Page) -> None:
-    running, _ = site
-    tab.page.goto(running.url + "/dashboard/?range=1h")
+def test_dragging_over_a_latency_chart_zooms_the_view(site: _Site, tab: _Page) -> None:
+    tab.page.goto(site.url + "/dashboard/?range=1h")
     tab.settle()
     drag = tab.page.locator("#overview-latency .nsewdrag").first
     box = drag.bounding_box()
@@ -219,9 +245,8 @@ def test_dragging_over_a_latency_chart_zooms_the_view(site: Any, tab: _Page) -> 
     assert tab.problems == [], tab.problems
 
 
-def test_controls_follow_the_url_and_write_it(site: Any, tab: _Page) -> None:
-    running, _ = site
-    tab.page.goto(running.url + "/dashboard/gpus?range=24h&service=embed-api")
+def test_controls_follow_the_url_and_write_it(site: _Site, tab: _Page) -> None:
+    tab.page.goto(site.url + "/dashboard/gpus?range=24h&service=embed-api")
     tab.settle()
     assert "last 24 hours" in tab.page.inner_text("#ctl-range")
     assert "embed-api" in tab.page.inner_text("#ctl-service")
@@ -230,7 +255,7 @@ def test_controls_follow_the_url_and_write_it(site: Any, tab: _Page) -> None:
     tab.page.wait_for_url("**/dashboard/shapes?range=24h&service=embed-api")
     tab.settle()
     # A bad link gives the API's one-line error, not a traceback.
-    tab.page.goto(running.url + "/dashboard/gpus?range=3w")
+    tab.page.goto(site.url + "/dashboard/gpus?range=3w")
     tab.settle()
     assert tab.page.inner_text(".ts-error").startswith("invalid range: '3w'")
     assert tab.problems == [], tab.problems

@@ -359,8 +359,11 @@ def send_scenario(url: str, now: dt.datetime | None = None) -> Scenario:
     return sc
 
 
-def wait_ingested(running: Any, sc: Scenario, timeout_s: float = 60.0) -> None:
-    """Block until every span sent is queryable (ingest acks after commit, but the SDK exports async)."""
+def wait_ingested(running: Any, sc: Scenario, timeout_s: float = 60.0, extra: int = 0) -> None:
+    """Block until every span sent is queryable (ingest acks after commit, but the SDK exports async).
+
+    ``extra``: spans other senders put in the same store.
+    """
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -370,7 +373,7 @@ def wait_ingested(running: Any, sc: Scenario, timeout_s: float = 60.0) -> None:
             n = cur.execute("SELECT count(*) FROM spans").fetchone()[0]
         finally:
             cur.close()
-        if n >= sc.spans:
+        if n >= sc.spans + extra:
             return
         time.sleep(0.2)
-    raise AssertionError(f"only {n} of {sc.spans} spans arrived within {timeout_s} s")
+    raise AssertionError(f"only {n} of {sc.spans + extra} spans arrived within {timeout_s} s")

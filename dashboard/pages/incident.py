@@ -32,6 +32,9 @@ from dashboard.context import PageContext
 from dashboard.pages.overview import latency_figure
 
 
+SHOWN_SLOW = 25
+
+
 def causes_figure(causes: list[dict[str, Any]]) -> go.Figure:
     rows = list(reversed(causes))
     fig = go.Figure(
@@ -90,7 +93,7 @@ def render(ctx: PageContext, incident_id: str) -> Any:
     if around is not None and service:
         series = ctx.analyzer.latency(service=service, start=around[0], end=around[1], step_s=None)
         if series.get("points"):
-            context_graph = graph(latency_figure(series, [inc], service), id="incident-latency")
+            context_graph = graph(latency_figure(series, [inc], service, around), id="incident-latency")
 
     cause_blocks = []
     for c in causes:
@@ -122,7 +125,7 @@ def render(ctx: PageContext, incident_id: str) -> Any:
             fmt_ms(r.get("excess_ms")),
             ", ".join(f"{cause_label(x['cause'])} {fmt_pct(x.get('share'))}" for x in (r.get("causes") or [])[:3]) or "–",
         ]
-        for r in slow
+        for r in slow[:SHOWN_SLOW]
         if r.get("trace_id")
     ]
     contrast = inc.get("contrast") or []
@@ -150,7 +153,12 @@ def render(ctx: PageContext, incident_id: str) -> Any:
             summary,
             context_graph,
             section("Causes", graph(causes_figure(causes), id="incident-causes") if causes else html.Div("no cause attributed", className="ts-empty"), *cause_blocks, id="causes"),
-            section(f"Slow requests ({len(slow_rows)})", table(["trace", "start", "latency", "excess", "causes"], slow_rows, empty="no slow requests recorded"), id="incident-slow"),
+            section(
+                f"Slow requests ({len(slow)})",
+                table(["trace", "start", "latency", "excess", "causes"], slow_rows, empty="no slow requests recorded"),
+                html.Div(f"the {SHOWN_SLOW} with the most excess are shown ({len(slow) - SHOWN_SLOW} more)", className="ts-muted") if len(slow) > SHOWN_SLOW else None,
+                id="incident-slow",
+            ),
             section(
                 "Contrast: what the slow requests have in common (vs the service's other requests)",
                 _contrast_table(contrast),

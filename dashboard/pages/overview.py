@@ -34,8 +34,12 @@ from dashboard.context import PageContext
 MAX_SERVICES = 8
 
 
-def latency_figure(series: dict[str, Any], incidents: list[dict[str, Any]], service: str) -> go.Figure:
-    """p50/p95/p99 lines over a request-rate bar, with the service's incidents shaded."""
+def latency_figure(series: dict[str, Any], incidents: list[dict[str, Any]], service: str, window: tuple[Any, Any] | None = None) -> go.Figure:
+    """p50/p95/p99 lines over a request-rate bar, with the service's incidents shaded.
+
+    ``window`` pins the time axis, so every service's chart lines up and a
+    sparse service does not get an axis zoomed onto its one request.
+    """
     points = series.get("points") or []
     step = float(series.get("step_s") or 60)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -75,6 +79,8 @@ def latency_figure(series: dict[str, Any], incidents: list[dict[str, Any]], serv
     base_figure_layout(fig, title=f"{service} — latency and request rate", height=330)
     fig.update_yaxes(title_text="latency (ms)", rangemode="tozero", secondary_y=False)
     fig.update_yaxes(title_text="req/s", rangemode="tozero", showgrid=False, secondary_y=True)
+    if window is not None:
+        fig.update_xaxes(range=[window[0], window[1]])
     return fig
 
 
@@ -129,7 +135,7 @@ def render(ctx: PageContext) -> Any:
             graphs.append(graph(empty_figure(f"{service}: no requests in this range")))
             continue
         # Pattern-matching id: dragging over any service's chart zooms the whole view.
-        graphs.append(graph(latency_figure(series, incidents, service), id={"type": "latency", "service": service}))
+        graphs.append(graph(latency_figure(series, incidents, service, (start, end)), id={"type": "latency", "service": service}))
     if not services:
         graphs.append(html.Div("No services have sent request spans yet.", className="ts-empty"))
 
