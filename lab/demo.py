@@ -78,8 +78,15 @@ def _short(ts: str) -> str:
     return ts.replace("T", " ")[:19]
 
 
-def report(base_url: str, results: list[Any], out: TextIO) -> list[dict[str, Any]]:
-    """Print, per scenario, what was injected and what the analyzer found."""
+def _rfc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def report(base_url: str, results: list[Any], out: TextIO, dashboard: bool = False) -> list[dict[str, Any]]:
+    """Print, per scenario, what was injected and what the analyzer found
+    (with dashboard links to the scenario's time range and each incident)."""
+    from urllib.parse import urlencode
+
     import httpx
 
     found_all = []
@@ -98,6 +105,9 @@ def report(base_url: str, results: list[Any], out: TextIO) -> list[dict[str, Any
                     print(f"   injected: {inj['cause']} on {where}, {_short(inj['start'])} to {_short(inj['end'])} ({inj['labelled_slow']} requests labelled slow by it)", file=out)
             else:
                 print("   injected: nothing (control traffic)", file=out)
+            if dashboard:
+                q = urlencode({"start": _rfc(r.start), "end": _rfc(r.end + 300), "service": r.service})
+                print(f"   view:     {base_url}/dashboard/?{q}", file=out)
             if not incidents:
                 print("   found:    no incident", file=out)
             for inc in incidents:
@@ -109,6 +119,8 @@ def report(base_url: str, results: list[Any], out: TextIO) -> list[dict[str, Any
                     rec = top["recommendation"]
                     text = rec if isinstance(rec, str) else rec.get("text") or rec.get("summary") or str(rec)
                     print(f"             fix: {text[:200]}", file=out)
+                if dashboard and inc.get("id"):
+                    print(f"             {base_url}/dashboard/incident/{inc['id']}", file=out)
     return found_all
 
 
@@ -157,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"tailscope demo: {exc}", file=sys.stderr)
             return 1
         print("\nwhat the analyzer found (GET /api/v1/incidents), next to what the lab injected:", file=out)
-        report(base, results, out)
+        report(base, results, out, dashboard=not args.headless)
         if args.headless:
             return 0
         print(f"\ndashboard: {base}/dashboard/   API: {base}/api/v1/incidents   SQL: tailscope sql --db {db} (after stopping)", file=out)

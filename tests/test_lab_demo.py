@@ -50,3 +50,55 @@ def test_headless_demo_prints_injections_and_incidents(tmp_path: Path, capsys: p
     assert db.is_file()
     truth = json.loads((tmp_path / "demo.truth" / "compile_miss.truth.json").read_text())
     assert truth["scenario"] == "compile_miss" and truth["requests"]
+
+
+@pytest.mark.slow
+def test_demo_keeps_serving_the_dashboard_until_ctrl_c(tmp_path: Path) -> None:
+    """The real console script: scenario, links that open, then SIGINT stops it cleanly."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    exe = Path(sys.executable).parent / "tailscope"
+    if not exe.is_file():
+        pytest.skip("the tailscope console script is not installed in this environment")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAILSCOPE_", "OTEL_"))}
+    proc = subprocess.Popen(
+        [str(exe), "demo", "--port", "0", "--scenario", "gpu_throttle", "--db", str(tmp_path / "d.duckdb")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving until Ctrl-C" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(300), "".join(lines)[-3000:]
+        text = "".join(lines)
+        views = re.findall(r"view:\s+(http://\S+)", text)
+        incidents = re.findall(r"(http://\S+/dashboard/incident/\S+)", text)
+        assert views, text
+        for url in views[:1] + incidents[:1]:
+            r = httpx.get(url, timeout=60)
+            assert r.status_code == 200, url
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    reader.join(timeout=5)
+    assert "stopping" in "".join(lines)
