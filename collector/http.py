@@ -105,10 +105,8 @@ def make_router(ingest: "Ingest", config: "Config") -> APIRouter:
         """The server's own figures in Prometheus text format."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    # Drain on the app's shutdown too: uvicorn re-raises SIGTERM after its graceful
-    # shutdown, so code after uvicorn.run() (Server.close) may never run; the
-    # lifespan shutdown does, after the last in-flight request was answered.
-    router.on_shutdown.append(ingest.stop)
+    # Draining on shutdown is the app lifespan's job (tailscope.server), which
+    # stops every part after the last in-flight request was answered.
 
     from collector.profiler_uploads import add_routes as add_profiler_routes
 

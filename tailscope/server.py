@@ -29,16 +29,28 @@ class Server:
     _uvicorn: Any = None
     _thread: threading.Thread | None = None
 
+    _started: bool = False
+    _closed: bool = False
+
     # --- lifecycle --------------------------------------------------------
+    # Parts start and stop through the app's lifespan: uvicorn re-raises SIGTERM
+    # after its graceful shutdown, so code placed after ``uvicorn.run`` may never
+    # run, while the lifespan's shutdown always does (after the last response).
     def start_background(self) -> None:
-        """Start every background part (writer, gRPC, evaluators) in order."""
+        """Start every background part (writer, gRPC, retention, alerts) once, in order."""
+        if self._started:
+            return
+        self._started = True
         for name in ("ingest", "grpc", "retention", "alerts"):
             part = self.parts.get(name)
             if part is not None and hasattr(part, "start"):
                 part.start()
 
-    def stop_background(self) -> None:
-        """Stop in reverse order; the ingest writer drains its queue last."""
+    def close(self) -> None:
+        """Stop in reverse order (the ingest writer drains its queue last), then close the store."""
+        if self._closed:
+            return
+        self._closed = True
         for name in ("alerts", "retention", "grpc", "ingest"):
             part = self.parts.get(name)
             if part is not None and hasattr(part, "stop"):
@@ -46,27 +58,21 @@ class Server:
                     part.stop()
                 except Exception:  # one part failing must not keep the others running
                     log.exception("stopping %s failed", name)
-
-    def close(self) -> None:
-        self.stop_background()
         self.store.close()
 
     def serve(self) -> None:
-        """Run in the foreground until interrupted (the CLI's ``serve``)."""
+        """Run in the foreground until SIGINT/SIGTERM (the CLI's ``serve``)."""
         import uvicorn
 
-        self.start_background()
-        try:
-            uvicorn.run(
-                self.app,
-                host=self.config.host,
-                port=self.config.port,
-                log_level=self.config.log_level,
-                access_log=False,
-                timeout_graceful_shutdown=5,
-            )
-        finally:
-            self.close()
+        uvicorn.run(
+            self.app,
+            host=self.config.host,
+            port=self.config.port,
+            log_level=self.config.log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
 
     def serve_in_thread(self) -> int:
         """Serve on a thread (tests, demo); returns the bound port (0 picks a free one)."""
@@ -74,18 +80,19 @@ class Server:
 
         import uvicorn
 
-        self.start_background()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.port))
         port = sock.getsockname()[1]
         cfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(cfg)
+        # Signal handlers can only be installed on the main thread.
+        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="tailscope-http", daemon=True)
         self._thread.start()
         while not self._uvicorn.started:
             if not self._thread.is_alive():
-                raise RuntimeError("HTTP server failed to start")
+                raise RuntimeError("HTTP server failed to start (see the log above)")
             threading.Event().wait(0.01)
         return port
 
@@ -93,7 +100,7 @@ class Server:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
             if self._thread is not None:
-                self._thread.join(timeout=10)
+                self._thread.join(timeout=30)
         self.close()
 
 
@@ -103,8 +110,22 @@ def build_server(config: Config) -> Server:
 
     from collector.store import Store
 
+    from contextlib import asynccontextmanager
+
+    from starlette.concurrency import run_in_threadpool
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        await run_in_threadpool(server.start_background)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.close)
+
     store = Store(config.db)
-    app = FastAPI(title="tailscope", version="0.1.0", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="tailscope", version="0.1.0", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan
+    )
     server = Server(config=config, store=store, app=app)
 
     from tailscope.errors import install_error_handlers
@@ -132,15 +153,12 @@ def build_server(config: Config) -> Server:
     app.include_router(sql_router(store, config))
 
     # --- analyzer API ------------------------------------------------------
-    try:
-        from analyzer.api import make_router as analyzer_router
-        from analyzer.service import Analyzer
-    except ImportError:  # pragma: no cover - only while the analyzer is being built
-        analyzer = None
-    else:
-        analyzer = Analyzer(store, config)
-        server.parts["analyzer"] = analyzer
-        app.include_router(analyzer_router(analyzer))
+    from analyzer.api import make_router as analyzer_router
+    from analyzer.service import Analyzer
+
+    analyzer = Analyzer(store, config)
+    server.parts["analyzer"] = analyzer
+    app.include_router(analyzer_router(analyzer))
 
     # --- alerts ------------------------------------------------------------
     from analyzer.alerts.api import make_router as alerts_router
@@ -152,13 +170,10 @@ def build_server(config: Config) -> Server:
     app.include_router(alerts_router(alerts))
 
     # --- dashboard ---------------------------------------------------------
-    if config.dashboard and analyzer is not None:
-        try:
-            from dashboard.app import mount as mount_dashboard
-        except ImportError:  # pragma: no cover - only while the dashboard is being built
-            pass
-        else:
-            mount_dashboard(app, analyzer=analyzer, store=store, config=config)
+    if config.dashboard:
+        from dashboard.app import mount as mount_dashboard
+
+        mount_dashboard(app, analyzer=analyzer, store=store, config=config)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -142,5 +142,8 @@ def test_restart_after_kill_keeps_serving_and_keeps_old_data(tmp_path):
     # uvicorn re-raises SIGTERM after its graceful shutdown, hence -15 rather than 0.
     assert code in (0, -signal.SIGTERM), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
+    # The lifespan closed the store on SIGTERM: DuckDB checkpoints on close and
+    # removes its WAL, which it would not have done had the process just died.
+    assert not db.with_name(db.name + ".wal").exists()
     counts = stored_span_counts(db)
     assert set(counts) == set(first) | set(second) and set(counts.values()) == {1}
