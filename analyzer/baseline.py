@@ -202,6 +202,7 @@ def slow_candidates(
     slo: dict[str, float],
     limit: int = MAX_SLOW,
     trace_id: str | None = None,
+    per_range: int | None = None,
 ) -> list[dict[str, Any]]:
     """Requests in ``window`` (and in ``ranges`` when given) that exceed their class's normal.
 
@@ -209,6 +210,11 @@ def slow_candidates(
     Returns dict rows with the expected latency and components, most excess first.
     With ``trace_id`` the threshold is not applied: that trace's request is
     returned with its baseline whether or not it was slow.
+    With ``per_range`` (and ``ranges``), at most that many slow requests per
+    range are returned, a uniform sample (by span-id hash) rather than the
+    worst ones, with ``range_idx`` and ``range_total`` (the range's full slow
+    count) on each row: enough to estimate an incident's cause shares
+    without explaining thousands of requests one by one.
     """
     svc_sql, svc_params = _service_filter(services)
     rg_sql, rg_params = _ranges_filter("start_time", ranges or (), negate=False) if ranges is not None else ("TRUE", [])
@@ -219,6 +225,13 @@ def slow_candidates(
     slo_expr = f"CASE r.service {slo_sql} ELSE NULL END" if slo else "NULL::DOUBLE"
     x = expectation(classes_name)
     exp_comps = ", ".join(f"{x.pick(c + '_ms')} * {x.scale} AS exp_{c}_ms" for c in COMPONENTS)
+    range_cols, qualify, range_params = "", "", []
+    if per_range is not None and ranges:
+        case = " ".join(f"WHEN service = ? AND start_time >= ? AND start_time < ? THEN {k}" for k in range(len(ranges)))
+        for service, a, b in ranges:
+            range_params += [service, a, b]
+        range_cols = f", CASE {case} END AS range_idx, count(*) OVER (PARTITION BY range_idx) AS range_total"
+        qualify = f"QUALIFY row_number() OVER (PARTITION BY range_idx ORDER BY hash(span_id)) <= {int(per_range)}"
     slow_sql = (
         "trace_id = ?"
         if trace_id is not None
@@ -238,13 +251,14 @@ def slow_candidates(
         FROM (SELECT * REPLACE (model_key AS model) FROM r) r
         {x.joins}
     )
-    SELECT *, latency_ms - expected_ms AS excess_ms, epoch(start_time) AS t0, epoch(end_time) AS t1
+    SELECT *, latency_ms - expected_ms AS excess_ms, epoch(start_time) AS t0, epoch(end_time) AS t1{range_cols}
     FROM j
     WHERE expected_ms IS NOT NULL AND {slow_sql}
+    {qualify}
     ORDER BY excess_ms DESC
     LIMIT {int(limit)}
     """
-    params = [window.start, window.end, *svc_params, *rg_params, *slo_params]
+    params = [window.start, window.end, *svc_params, *rg_params, *slo_params, *range_params]
     if trace_id is not None:
         params.append(trace_id)
     cur = con.execute(sql, params)

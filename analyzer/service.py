@@ -41,6 +41,7 @@ DEFAULT_RANGE = timedelta(hours=24)
 LEAD_IN = timedelta(seconds=DAY_S + 3600)
 REFERENCE_BEFORE = timedelta(hours=1)
 SPIKE_SAMPLE = 100_000
+EXPLAIN_PER_INCIDENT = 1000  # slow requests explained per incident (a uniform sample beyond that)
 WINDOW_TARGET = 100  # requests a window should hold for its p99 to mean something
 _FACTORS = (1, 2, 5, 10, 15, 30, 60, 120, 240)
 REFERENCE_AFTER = timedelta(minutes=15)
@@ -350,14 +351,21 @@ class Analyzer:
         refs = _merge([Span(s["_a"] - REFERENCE_BEFORE, s["_b"] + REFERENCE_AFTER) for s in spikes])
         results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
                                     Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
-                                    refs, exclude=ranges)
+                                    refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
+                                    per_range=EXPLAIN_PER_INCIDENT)
         out = []
-        for sp in spikes:
-            mine = [r for r in results if r["service"] == sp["service"] and sp["start"] <= r["start"] < sp["end"]]
-            inc = {k: v for k, v in sp.items() if not k.startswith("_")}
-            inc["slow_requests"] = len(mine)
-            inc["excess_ms"] = round(sum(r["excess_ms"] or 0.0 for r in mine), 1)
-            inc["causes"] = self._aggregate(con, sp, mine, ev)
+        for k, sp in enumerate(spikes):
+            mine = [r for r in results if r.get("_range") == k]
+            total = max((r["_range_total"] for r in mine), default=0)
+            weight = total / len(mine) if mine else 1.0
+            for r in mine:
+                r.pop("_range", None)
+                r.pop("_range_total", None)
+            inc = {k2: v for k2, v in sp.items() if not k2.startswith("_")}
+            inc["slow_requests"] = total
+            inc["explained_sample"] = len(mine)
+            inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in mine), 1)
+            inc["causes"] = self._aggregate(con, sp, mine, ev, weight)
             slow_ids = [(r["trace_id"], r["span_id"]) for r in mine]
             inc["contrast"] = contrast(con, sp["service"], slow_ids, sp["_a"] - REFERENCE_BEFORE, sp["_b"])
             if detail:
@@ -369,11 +377,12 @@ class Analyzer:
 
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
                  window: Span, ref: Span | list[Span], exclude: Sequence[tuple[str, datetime, datetime]],
-                 limit: int | None = None, trace_id: str | None = None) -> tuple[list[dict[str, Any]], Evidence]:
+                 limit: int | None = None, trace_id: str | None = None,
+                 per_range: int | None = None) -> tuple[list[dict[str, Any]], Evidence]:
         classes = class_baselines(con, services, ref, exclude)
         con.register("_classes", classes)
         try:
-            kwargs: dict[str, Any] = {"trace_id": trace_id}
+            kwargs: dict[str, Any] = {"trace_id": trace_id, "per_range": per_range}
             if limit is not None:
                 kwargs["limit"] = limit
             cands = slow_candidates(con, "_classes", services, ranges, window, self.slo, **kwargs)
@@ -381,9 +390,17 @@ class Analyzer:
             con.unregister("_classes")
         refs = [ref] if isinstance(ref, Span) else ref
         ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s)
-        return [attribute(r, ev) for r in cands], ev
+        out = []
+        for r in cands:
+            res = attribute(r, ev)
+            if r.get("range_idx") is not None:
+                res["_range"], res["_range_total"] = int(r["range_idx"]), int(r["range_total"])
+            out.append(res)
+        return out, ev
 
-    def _aggregate(self, con: duckdb.DuckDBPyConnection, sp: dict[str, Any], results: list[dict[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
+    def _aggregate(self, con: duckdb.DuckDBPyConnection, sp: dict[str, Any], results: list[dict[str, Any]], ev: Evidence,
+                   weight: float = 1.0) -> list[dict[str, Any]]:
+        """Sum the requests' claims per cause (scaled by ``weight`` when they are a sample)."""
         total = sum(r["excess_ms"] or 0.0 for r in results)
         ms: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
@@ -403,8 +420,8 @@ class Analyzer:
         for cause, v in sorted(ms.items(), key=lambda kv: -kv[1]):
             evidence = sorted(rows[cause].values(), key=lambda e: -e["requests"])[:8]
             causes.append({
-                "cause": cause, "share": round(v / total, 4) if total else 0.0, "excess_ms": round(v, 1),
-                "requests": counts[cause], "evidence": evidence,
+                "cause": cause, "share": round(v / total, 4) if total else 0.0, "excess_ms": round(v * weight, 1),
+                "requests": int(round(counts[cause] * weight)), "evidence": evidence,
                 "recommendation": self._recommend(con, cause, sp, [e for e in rows[cause].values()], ev),
             })
         return causes
