@@ -8,6 +8,9 @@ guessed token was right. With no tokens configured, ingest is open.
 from __future__ import annotations
 
 import hmac
+from typing import Callable
+
+from starlette.requests import Request
 
 from tailscope.errors import Unauthorized
 
@@ -37,3 +40,13 @@ class BearerAuth:
             ok |= hmac.compare_digest(given, known)
         if not ok:
             raise Unauthorized("invalid bearer token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def changes_need_token(auth: BearerAuth) -> Callable[[Request], None]:
+    """A FastAPI dependency: requests that change state (not GET/HEAD/OPTIONS) need a token."""
+
+    def guard(request: Request) -> None:
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            auth.check(request.headers.get("authorization"))
+
+    return guard

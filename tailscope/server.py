@@ -167,7 +167,14 @@ def build_server(config: Config) -> Server:
     alerts = AlertService(config, analyzer)
     alerts.register_metrics(ingest.metrics)
     server.parts["alerts"] = alerts
-    app.include_router(alerts_router(alerts))
+    # Alert configuration can make the server send requests (webhooks), so when
+    # tokens are configured, changing it needs one, like ingest does.
+    from fastapi import Depends
+
+    from collector.auth import BearerAuth, changes_need_token
+
+    guard = changes_need_token(BearerAuth(config.tokens))
+    app.include_router(alerts_router(alerts), dependencies=[Depends(guard)])
 
     # --- dashboard ---------------------------------------------------------
     if config.dashboard:

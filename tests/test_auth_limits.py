@@ -168,3 +168,14 @@ def test_fuzzed_bodies_never_get_a_500(make_server):
     assert seen.get(400, 0) > 0
     assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
     assert srv.sql("SELECT count(*) FROM spans WHERE trace_id IS NULL OR span_id IS NULL") == [(0,)]
+
+
+def test_alert_configuration_changes_need_the_token_when_tokens_are_set(make_server):
+    """Webhooks make the server send requests: with auth on, only token holders may add them."""
+    srv = make_server(tokens=("s3cret",))
+    body = {"url": "http://127.0.0.1:9/hook", "secret": "k", "format": "generic"}
+    r = httpx.post(srv.url + "/api/v1/alerts/webhooks", json=body, timeout=10)
+    assert r.status_code == 401 and r.json()["ok"] is False
+    r = httpx.post(srv.url + "/api/v1/alerts/webhooks", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=10)
+    assert r.status_code == 201, r.text
+    assert httpx.get(srv.url + "/api/v1/alerts/webhooks", timeout=10).status_code == 200

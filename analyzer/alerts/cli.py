@@ -42,6 +42,11 @@ def parse_duration(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None, help=f"server base URL [env TAILSCOPE_SERVER; default {DEFAULT_SERVER}]")
     parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="bearer token, needed for changes when the server has tokens configured [env TAILSCOPE_TOKEN]",
+    )
     sub = parser.add_subparsers(dest="alerts_command", metavar="COMMAND", required=True)
 
     wh = sub.add_parser("webhooks", help="add, list, delete and test-send webhooks").add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -117,7 +122,11 @@ def _request(args: argparse.Namespace, method: str, path: str, *, body: Any = No
     base = (args.server or os.environ.get("TAILSCOPE_SERVER") or DEFAULT_SERVER).rstrip("/")
     params = {k: v for k, v in (params or {}).items() if v is not None}
     try:
-        resp = httpx.request(method, base + path, json=body, params=params, timeout=args.timeout, trust_env=False)
+        token = args.token or os.environ.get("TAILSCOPE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        resp = httpx.request(
+            method, base + path, json=body, params=params, headers=headers, timeout=args.timeout, trust_env=False
+        )
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the server at {base} ({exc.__class__.__name__}: {exc}); is `tailscope serve` running? (--server URL)") from None
     try:
