@@ -91,3 +91,25 @@ def test_recompile_becomes_a_compile_span_in_the_real_server(make_server: Any) -
     assert backend == "eager"
     batches = srv.sql("select span_id from spans where role = 'batch' and batch_id = 'b-2'")
     assert parent == batches[0][0]
+
+
+def test_serving_loop_runs_real_compiles_when_a_window_turns_bucketing_off() -> None:
+    """The actual run: every batch's forward really runs (execute_all), and the
+    stall a new padded length causes is the compile dynamo really did."""
+    from lab.model import CostModel
+    from lab.sim import ReplicaSpec, Request, Window, simulate
+
+    cost = CostModel(a=0.0003, b=2e-6, c=1e-8, step={1: 0.0004, 8: 0.0005})
+    spec = ReplicaSpec(max_batch=8, buckets=(64, 128), pad_multiple=16, no_bucketing=[Window(10.0, 60.0)])
+    times = [1.0, 11.0, 40.0, 80.0]  # the window is long enough for any real compile stall x 10
+    rs = [Request(i, t, 40, 3) for i, t in enumerate(times)]
+    ex = Executor(build_model(0), "loop-replica")
+    run = simulate(0, rs, spec, cost, scale=10.0, executor=ex, execute_all=True)
+    shapes = [b.shape for b in run.batches]
+    assert shapes == [(8, 64), (8, 48), (8, 48), (8, 64)]  # 40 tokens: bucket 64, or 48 (x16) in the window
+    compiled = [b for b in run.batches if b.compile is not None]
+    assert [b.shape for b in compiled] == [(8, 48)]  # 64 was warmed before the scenario; 48 is new, once
+    c = compiled[0].compile
+    assert c.kind == "recompile" and "actual 48" in c.reason
+    assert compiled[0].compile_end - compiled[0].compile_start == pytest.approx(c.seconds * 10.0)
+    assert run.compile_costs[(8, 48)] == c.seconds

@@ -181,3 +181,45 @@ def test_every_request_completes_once() -> None:
     members = [m for b in run.batches for m in b.members]
     pre = sum(o.preemptions for o in run.outcomes.values())
     assert len(members) == len(rs) + pre
+
+
+# --- properties ---------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_op = st.one_of(
+    st.tuples(st.just("admit"), st.lists(st.integers(0, 30), min_size=0, max_size=6, unique=True), st.integers(1, 4)),
+    st.tuples(st.just("grow"), st.integers(1, 3)),
+    st.tuples(st.just("release")),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(capacity=st.integers(8, 40), ops=st.lists(_op, max_size=60))
+def test_kv_cache_invariants_under_any_sequence(capacity: int, ops: list[tuple]) -> None:
+    """Pinned blocks are never evicted, the cache never goes over capacity on
+    its own, and unpinned cached blocks are exactly the LRU list."""
+    kv = KVCache(capacity=capacity)
+    running: list[tuple[tuple[int, ...], int]] = []
+    for op in ops:
+        if op[0] == "admit":
+            hashes, private = tuple(op[1]), op[2]
+            if kv.can_fit(hashes, private):
+                kv.admit(hashes, private)
+                running.append((hashes, private))
+                assert kv.used <= capacity
+        elif op[0] == "grow" and running:
+            ok, _ = kv.grow(op[1])
+            if ok:
+                h, p = running[-1]
+                running[-1] = (h, p + op[1])
+            assert kv.used <= capacity
+        elif op[0] == "release" and running:
+            h, p = running.pop(0)
+            kv.release(h, p)
+        pinned = {x for h, _ in running for x in h}
+        assert all(kv.cached_prefix((x,)) == 1 for x in pinned)  # pinned blocks stay resident
+        assert set(kv._lru) == {h for h, r in kv._ref.items() if r == 0}
+        assert kv.used_private == sum(p for _, p in running)
+        assert 0.0 <= kv.usage() <= 1.0
