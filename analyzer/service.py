@@ -60,6 +60,71 @@ def _merge(spans: list[Span]) -> list[Span]:
     return out
 
 
+MIN_RUN = 2  # windows a cause must dominate before an incident is split at it
+
+
+def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Split a run of abnormal windows where the dominant cause changes.
+
+    Two problems that overlap in time (a surge, then a KV squeeze; compiles on
+    one replica, then a throttled GPU on another) are two incidents for the
+    person fixing them, each with its own top cause and recommendation. A
+    cause must dominate MIN_RUN windows to start its own incident; windows
+    dominated by ``unknown`` never split one.
+    """
+    step, windows = sp["_step"], sp["_windows"]
+    if len(windows) < 2 * MIN_RUN:
+        return [(sp, results)]
+    per: dict[float, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in results:
+        w = (unix(to_utc_naive(r["start"])) // step) * step
+        for c in r["causes"]:
+            if c["cause"] != "unknown":
+                per[w][c["cause"]] += c["excess_ms"] or 0.0
+    dom = [max(per[t], key=per[t].get) if per.get(t) else None for t, _, _ in windows]
+    runs: list[list[Any]] = []  # [first, last, cause]
+    for i, d in enumerate(dom):
+        if runs and (d is None or d == runs[-1][2] or runs[-1][2] is None):
+            runs[-1][1] = i
+            if runs[-1][2] is None:
+                runs[-1][2] = d
+        else:
+            runs.append([i, i, d])
+    spike_total = sum(sum(v.values()) for v in per.values()) or 1.0
+
+    def stands(run: list[Any]) -> bool:
+        """Long enough, or one window where one cause clearly dominates a large part of the spike."""
+        if run[1] - run[0] + 1 >= MIN_RUN:
+            return True
+        cells = [per.get(windows[i][0], {}) for i in range(run[0], run[1] + 1)]
+        total = sum(sum(c.values()) for c in cells)
+        mine = sum(c.get(run[2], 0.0) for c in cells)
+        return total > 0 and mine / total >= 0.7 and mine >= 0.2 * spike_total
+
+    merged: list[list[Any]] = []
+    for run in runs:
+        if merged and (not stands(run) or not stands(merged[-1])):
+            merged[-1][1] = run[1]
+        else:
+            merged.append(run)
+    if len(merged) == 1:
+        return [(sp, results)]
+    out = []
+    for idx, (i0, i1, _) in enumerate(merged):
+        a, b = windows[i0][0], windows[i1][0] + step
+        sub = dict(sp)
+        sub.update({
+            "id": incident_id(sp["service"], a), "start": iso(from_unix(a)), "end": iso(from_unix(b)),
+            "_a": from_unix(a), "_b": from_unix(b),
+            "p99_ms": round(max(w[2] for w in windows[i0:i1 + 1]), 3),
+            "requests": sum(w[1] for w in windows[i0:i1 + 1]),
+            "open": sp["open"] and idx == len(merged) - 1,
+            "split_from": sp["id"],
+        })
+        out.append((sub, [r for r in results if sub["start"] <= r["start"] < sub["end"]]))
+    return out
+
+
 def incident_id(service: str, start_s: float) -> str:
     """Stable id: the same service and first spiky window always give the same id."""
     return f"inc-{int(start_s)}-{hashlib.sha1(service.encode()).hexdigest()[:8]}"
@@ -304,6 +369,8 @@ class Analyzer:
                     "threshold_ms": round(sp.threshold, 3), "by_slo": sp.by_slo, "slo_ms": self.slo.get(s),
                     "requests": int(n[sp.first:sp.last + 1].sum()),
                     "open": newest_complete is not None and int(w[sp.last]) >= newest_complete,
+                    "_step": step,
+                    "_windows": [(float(t[j]), int(n[j]), float(p[j])) for j in range(sp.first, sp.last + 1)],
                 })
         out.sort(key=lambda x: (x["_a"], x["service"]))
         return out
@@ -344,7 +411,10 @@ class Analyzer:
                    detail: bool, only: str | None = None) -> dict[str, Any]:
         spikes = self._spikes(con, service, rng)
         if only is not None:
-            spikes = [s for s in spikes if s["id"] == only]
+            m = _ID.match(only)
+            at = from_unix(int(m.group(1))) if m else None
+            spikes = [s for s in spikes if s["id"] == only or (at is not None and s["_a"] <= at < s["_b"]
+                                                                and incident_id(s["service"], unix(at)) == only)]
         if not spikes:
             return {"incidents": []}
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
@@ -361,18 +431,21 @@ class Analyzer:
             for r in mine:
                 r.pop("_range", None)
                 r.pop("_range_total", None)
-            inc = {k2: v for k2, v in sp.items() if not k2.startswith("_")}
-            inc["slow_requests"] = total
-            inc["explained_sample"] = len(mine)
-            inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in mine), 1)
-            inc["causes"] = self._aggregate(con, sp, mine, ev, weight)
-            slow_ids = [(r["trace_id"], r["span_id"]) for r in mine]
-            inc["contrast"] = contrast(con, sp["service"], slow_ids, sp["_a"] - REFERENCE_BEFORE, sp["_b"])
-            if detail:
-                inc["requests_detail"] = mine[:200]
-            else:
-                inc["examples"] = [r["trace_id"] for r in mine[:5]]
-            out.append(inc)
+            for sub, sub_mine in _split(sp, mine):
+                if only is not None and sub["id"] != only:
+                    continue
+                inc = {k2: v for k2, v in sub.items() if not k2.startswith("_")}
+                inc["slow_requests"] = int(round(weight * len(sub_mine))) if sub is not sp else total
+                inc["explained_sample"] = len(sub_mine)
+                inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in sub_mine), 1)
+                inc["causes"] = self._aggregate(con, sub, sub_mine, ev, weight)
+                slow_ids = [(r["trace_id"], r["span_id"]) for r in sub_mine]
+                inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
+                if detail:
+                    inc["requests_detail"] = sub_mine[:200]
+                else:
+                    inc["examples"] = [r["trace_id"] for r in sub_mine[:5]]
+                out.append(inc)
         return {"incidents": out}
 
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
