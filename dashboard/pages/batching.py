@@ -65,7 +65,7 @@ def render(ctx: PageContext) -> Any:
             section("Batch size, padding waste and fill wait", graph(batch_figure(series), id="batch-series"), id="batching"),
             section(
                 "Head-of-line cases (longest member ≥ 4 × shortest)",
-                table(["start", "replica", "size", "lengths", "padding", "batch time", "waited", "waited on"], hol_rows, empty="no head-of-line cases in this range"),
+                table(["start", "replica", "size", "batch min → max len", "padding", "batch time", "waited (member input)", "waited on"], hol_rows, empty="no head-of-line cases in this range"),
                 id="head-of-line",
             ),
         ]

@@ -162,7 +162,9 @@ def render(ctx: PageContext) -> Any:
                         ", ".join(map(str, buckets)),
                         f" — {len(buckets)} compiled shapes instead of {distinct_shapes}, "
                         f"{fmt_pct(shown['overhead'])} extra padded tokens"
-                        + (f" (padding now costs {fmt_pct(current_overhead)})" if current_overhead is not None else ""),
+                        # Shapes shorter than the prompts (prefix-cached tokens not run) make
+                        # "padding now" meaningless; it is shown only when it is a cost.
+                        + (f" (padding now costs {fmt_pct(current_overhead)})" if current_overhead is not None and current_overhead >= 0 else ""),
                     ],
                     className="ts-rec",
                     id="bucket-rec",
