@@ -404,6 +404,7 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
 # value types of an entry
 _NULL, _STR, _INT, _FLT, _BOOL, _OTHER = 0, 1, 2, 3, 4, 5
 _KIND_CODE = {"str": _STR, "int": _INT, "float": _FLT}
+_NATIVE = {"str": str, "int": int, "float": float}  # value types a column holds as themselves
 _TYPE_CODE = {str: _STR, int: _INT, float: _FLT, bool: _BOOL, type(None): _NULL}
 _NEEDS_ESCAPE = '["\\\\\\x00-\\x1f]'  # characters a JSON string must escape
 
@@ -519,20 +520,37 @@ class Entries:
     ``frag``: JSON fragment ``"key":value``; ``key_id`` into ``keys``; ``col``:
     typed column index or -1; ``prio``: 0 for a column's first key; ``gen_ai``;
     ``lift_s``/``lift_i``/``lift_f``: the value converted for a text, integer
-    or double column; ``trunc``: values cut to the size limit in this entry.
+    or double column; ``exact``: the column holds the value with its own type
+    (a string in a text column, an integer in an integer column, a double in a
+    double column), so the JSON column need not repeat it; ``trunc``: values
+    cut to the size limit in this entry.
     """
 
-    __slots__ = ("frag", "key_id", "keys", "col", "prio", "gen_ai", "lift_s", "lift_i", "lift_f", "trunc")
+    __slots__ = ("frag", "key_id", "keys", "col", "prio", "gen_ai", "lift_s", "lift_i", "lift_f", "exact", "trunc")
 
     def __len__(self) -> int:
         return len(self.key_id)
 
 
 class Lifter:
-    """Knows which attribute keys become which typed columns of one table."""
+    """Knows which attribute keys become which typed columns of one table.
 
-    def __init__(self, columns: Sequence[AttrColumn]) -> None:
+    An attribute stored in its typed column with its own type is left out of
+    the JSON column (it would only repeat the column: about half the bytes of
+    a request span). Everything else stays in JSON: the other "also read" keys
+    of a column, values of the wrong type, values converted on the way in
+    (an integer in a text column, an integral double in an integer column),
+    and the columns named in ``keep_in_json`` (where the typed column can
+    also be filled from elsewhere, e.g. a log record's own ``event_name``).
+    """
+
+    def __init__(self, columns: Sequence[AttrColumn], keep_in_json: Iterable[str] = ()) -> None:
         self.columns = tuple(columns)
+        keep = frozenset(keep_in_json)
+        unknown = keep - {c.column for c in self.columns}
+        if unknown:
+            raise ValueError(f"keep_in_json names unknown columns: {sorted(unknown)}")
+        self.strip = np.array([c.column not in keep for c in self.columns], dtype=bool)
         self.names = [c.column for c in self.columns]
         self.types = [_PA_TYPES[c.sql_type] for c in self.columns]
         self._keys: dict[str, tuple[int, int, str, str]] = {}
@@ -540,11 +558,13 @@ class Lifter:
             for prio, key in enumerate(col.keys):
                 self._keys.setdefault(key, (ci, prio, col.kind, col.sql_type))
 
-    def lift_row(self, pairs: Iterable[tuple[str, Any]]) -> list[Any]:
-        """Typed-column values for one attribute list (used for resources)."""
+    def lift_row(self, pairs: Sequence[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+        """Typed-column values for one attribute list (used for resources), and
+        the pairs the JSON column must keep (see the class docstring)."""
         row: list[Any] = [None] * len(self.columns)
         best = [1 << 30] * len(self.columns)
-        for key, value in pairs:
+        won: list[int] = [-1] * len(self.columns)  # position of the pair a column took, if exact
+        for i, (key, value) in enumerate(pairs):
             spec = self._keys.get(key)
             if spec is None:
                 continue
@@ -552,7 +572,13 @@ class Lifter:
             if v is not None and spec[1] <= best[spec[0]]:
                 row[spec[0]] = v
                 best[spec[0]] = spec[1]
-        return row
+                won[spec[0]] = i if type(value) is _NATIVE[spec[2]] and self.strip[spec[0]] else -1
+        if max(won, default=-1) < 0:
+            return row, list(pairs)
+        last = {k: i for i, (k, _) in enumerate(pairs)}
+        # a key leaves the JSON only if the column took its last copy (the one JSON would keep)
+        lifted = {pairs[i][0] for i in won if i >= 0 and last[pairs[i][0]] == i}
+        return row, [p for p in pairs if p[0] not in lifted]
 
     # -- building entries
 
@@ -608,6 +634,7 @@ class Lifter:
                     else:
                         lift_f[i] = v
         e.col = np.where(ok, col, -1)
+        e.exact = ok & (kind == vt)  # _STR/_INT/_FLT share codes with the kinds
         e.lift_i = lift_i
         e.lift_f = lift_f
         e.lift_s = _lift_text(vals, ok & (kind == _STR))
@@ -776,6 +803,9 @@ class AttrColumns:
 def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]) -> AttrColumns:
     """Assemble per-item columns.
 
+    Typed columns first; then the JSON column from the attributes that were
+    not stored in a typed column with their own type (see :class:`Lifter`).
+
     Args:
         e: distinct attributes.
         index: for each attribute of each item, in item order, its entry.
@@ -783,28 +813,16 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
     """
     n = len(counts)
     cnt = np.asarray(counts, dtype=np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(cnt, out=offsets[1:])
     item_of = np.repeat(np.arange(n, dtype=np.int64), cnt)
-    idx = pa.array(index, pa.int64())
-    taken = e.frag.take(idx) if len(index) else pa.array([], pa.string())
-    lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), taken)
-    json_col = pc.binary_join_element_wise("{", pc.binary_join(lists, ","), "}", "")
-
-    if len(index):
-        combined = item_of * max(len(e.keys), 1) + e.key_id[index]
-        if n * max(len(e.keys), 1) <= 1 << 24:
-            repeated = np.bincount(combined).max() > 1
-        else:
-            repeated = len(np.unique(combined)) != len(combined)
-        if repeated:
-            json_col = _dedupe_json(e, index, offsets, json_col, item_of, combined)
+    n_keys = max(len(e.keys), 1)
+    combined = item_of * n_keys + e.key_id[index] if len(index) else np.zeros(0, dtype=np.int64)
 
     lifted: list[pa.Array] = []
     col_flat = e.col[index] if len(index) else np.zeros(0, dtype=np.int64)
     seen = np.bincount(col_flat + 1, minlength=len(lifter.columns) + 1)[1:] if len(col_flat) else np.zeros(len(lifter.columns))
     present = set(np.nonzero(seen)[0].tolist())
     arrays: dict[str, pa.Array] = {}
+    winners: list[np.ndarray] = []  # flat positions whose value a typed column holds exactly
     for ci, spec in enumerate(lifter.columns):
         typ = lifter.types[ci]
         if ci not in present:
@@ -814,13 +832,41 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
         if len(spec.keys) > 1:
             # later "also read" keys first, so the first key present wins
             pos = pos[np.argsort(-e.prio[index[pos]], kind="stable")]
-        sel = np.full(n, -1, dtype=np.int64)
-        sel[item_of[pos]] = index[pos]
+        win = np.full(n, -1, dtype=np.int64)
+        win[item_of[pos]] = pos  # last assignment wins: the first key, its last occurrence
+        sel = np.where(win >= 0, index[np.maximum(win, 0)], -1)
+        if lifter.strip[ci]:
+            w = win[win >= 0]
+            winners.append(w[e.exact[index[w]]])
         if spec.kind not in arrays:
             arrays[spec.kind] = {"str": lambda: e.lift_s, "int": lambda: pa.array(e.lift_i, pa.int64()),
                                  "float": lambda: pa.array(e.lift_f, pa.float64())}[spec.kind]()
         col = arrays[spec.kind].take(pa.array(sel, pa.int64(), mask=sel < 0))
         lifted.append(col.cast(typ) if col.type != typ else col)
+
+    # JSON: drop every copy (in its item) of a key whose last copy, the one the
+    # JSON object would keep, went to a column with its own type
+    if winners:
+        gone = np.concatenate(winners)
+        if len(gone) and _has_repeats(combined, n * n_keys):
+            rev = combined[::-1]
+            _, last_rev = np.unique(rev, return_index=True)
+            is_last = np.zeros(len(combined), dtype=bool)
+            is_last[len(combined) - 1 - last_rev] = True
+            gone = gone[is_last[gone]]
+        keep = ~np.isin(combined, combined[gone]) if len(gone) else np.ones(len(index), dtype=bool)
+        j_index, j_item, j_comb = index[keep], item_of[keep], combined[keep]
+        j_cnt = np.bincount(j_item, minlength=n) if len(j_item) else np.zeros(n, dtype=np.int64)
+    else:
+        j_index, j_item, j_comb, j_cnt = index, item_of, combined, cnt
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(j_cnt, out=offsets[1:])
+    taken = e.frag.take(pa.array(j_index, pa.int64())) if len(j_index) else pa.array([], pa.string())
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), taken)
+    json_col = pc.binary_join_element_wise("{", pc.binary_join(lists, ","), "}", "")
+    if len(j_index) and _has_repeats(j_comb, n * n_keys):
+        json_col = _dedupe_json(e, j_index, offsets, json_col, j_item, j_comb)
+
     if len(index):
         gen_ai = np.bincount(item_of[e.gen_ai[index]], minlength=n) > 0
         truncated = int(e.trunc[index].sum())
@@ -828,6 +874,15 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
         gen_ai = np.zeros(n, dtype=bool)
         truncated = 0
     return AttrColumns(json_col, lifted, gen_ai, truncated)
+
+
+def _has_repeats(combined: np.ndarray, space: int) -> bool:
+    """Whether some item has a key twice (``combined`` = item * n_keys + key)."""
+    if not len(combined):
+        return False
+    if space <= 1 << 24:
+        return bool(np.bincount(combined).max() > 1)
+    return len(np.unique(combined)) != len(combined)
 
 
 def _dedupe_json(e: Entries, index: np.ndarray, offsets: np.ndarray, json_col: pa.Array,

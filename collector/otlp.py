@@ -73,7 +73,9 @@ _LOG_EVENT_NAME = AttrColumn("event_name", "VARCHAR", "str", ("event.name",))
 
 RESOURCE_LIFTER = A.Lifter(RESOURCE_COLUMNS)
 SPAN_LIFTER = A.Lifter(SPAN_ATTR_COLUMNS)
-LOG_LIFTER = A.Lifter(LOG_ATTR_COLUMNS + (_LOG_EVENT_NAME,))
+# a record's own event_name field wins over the event.name attribute, which
+# therefore stays in the JSON column
+LOG_LIFTER = A.Lifter(LOG_ATTR_COLUMNS + (_LOG_EVENT_NAME,), keep_in_json=("event_name",))
 METRIC_LIFTER = A.Lifter(METRIC_ATTR_COLUMNS)
 PLAIN_LIFTER = A.Lifter(())
 
@@ -242,8 +244,9 @@ class Resources:
         self.json: list[str] = []
 
     def add(self, pairs: list[tuple[str, Any]]) -> int:
-        self.rows.append(RESOURCE_LIFTER.lift_row(pairs))
-        self.json.append(A.pairs_json(pairs))
+        row, rest = RESOURCE_LIFTER.lift_row(pairs)
+        self.rows.append(row)
+        self.json.append(A.pairs_json(rest))
         return len(self.rows) - 1
 
     def columns(self, res_idx: np.ndarray) -> dict[str, pa.Array]:

@@ -3,7 +3,10 @@
 Why typed columns: the analyzer filters and groups on a few dozen known
 attributes (spec sections 3-8) over millions of rows; columns make those
 scans vectorised and compressible, while everything else is kept verbatim in
-a JSON ``attributes`` column so nothing sent is dropped.
+a JSON ``attributes`` column so nothing sent is dropped. An attribute stored
+in its typed column with its own type is not repeated in the JSON (that
+repetition was half the bytes of a request span); other "also read" keys,
+wrong-typed or converted values stay in the JSON (collector.attributes.Lifter).
 
 Rows are appended in arrival order; DuckDB's zone maps on ``start_time`` /
 ``time`` keep time-range scans cheap because batches arrive roughly in time

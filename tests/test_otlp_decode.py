@@ -121,7 +121,7 @@ def test_spec_example_trace(shared_data: Path) -> None:
     assert span["duration_ms"] == 1000.0
     assert span["service_name"] == "my.service" and span["scope_name"] == "my.library"
     assert json.loads(span["attributes"]) == {"my.span.attr": "some value"}
-    assert json.loads(span["resource_attributes"]) == {"service.name": "my.service"}
+    assert json.loads(span["resource_attributes"]) == {}  # service.name is in its column
     assert span["role"] is None  # has a parent: not a request span
 
 
@@ -204,13 +204,13 @@ def test_spans_round_trip_with_typed_columns() -> None:
     assert (root["time_in_queue_s"], root["ttft_s"]) == (0.125, 0.5)
     assert (root["request_id"], root["session_id"], root["batch_id"], root["priority"]) == ("cmpl-1", "s-9", "b-7", "interactive")
     assert (root["status_code"], root["status_message"], root["kind"]) == ("ERROR", "boom", "SERVER")
-    assert json.loads(root["attributes"]) == REQUEST_ATTRS
+    assert json.loads(root["attributes"]) == {}  # every request attribute has its typed column
     assert (root["service_name"], root["service_instance_id"], root["host_name"], root["process_pid"], root["pool"]) == (
         "chat-api", "replica-3", "gpu-1", 4242, "realtime")
-    assert json.loads(root["resource_attributes"])["extra.res"] == [1, 2]
+    assert json.loads(root["resource_attributes"]) == {"extra.res": [1, 2]}
     assert child["parent_span_id"] == SID.hex() and child["kind"] == "INTERNAL" and child["role"] == "prefill"
     attrs = json.loads(child["attributes"])
-    expected = dict(odd, blob=base64.b64encode(b"\x00\x01").decode(), **{"tailscope.role": "prefill"})
+    expected = dict(odd, blob=base64.b64encode(b"\x00\x01").decode())  # tailscope.role is in `role`
     assert attrs == expected
     assert isinstance(attrs["whole"], float)
     (ev,) = rows(d, "span_events")
@@ -235,6 +235,13 @@ def test_also_read_keys_and_wrong_types() -> None:
     assert c["input_tokens"] is None and c["gpu_index"] is None and c["priority"] is None
     assert (c["e2e_s"], c["shape_len"], c["batch_id"]) == (1.5, 12, "77")
     assert json.loads(c["attributes"])["gen_ai.usage.input_tokens"] == "abc"  # kept in JSON
+    # only values a column holds with their own type leave the JSON column: the
+    # other also-read keys, wrong types and converted values stay
+    assert json.loads(a["attributes"]) == {}
+    assert json.loads(b["attributes"]) == {"gen_ai.usage.prompt_tokens": 10, "gen_ai.response.model": "m2"}
+    assert json.loads(c["attributes"]) == {"gen_ai.usage.input_tokens": "abc", "tailscope.gpu.index": 1 << 40,
+                                           "gen_ai.latency.e2e": "1.5", "tailscope.shape.len": 12.0,
+                                           "tailscope.batch.id": 77, "tailscope.priority": True}
 
 
 def test_role_of_vllm_llm_request() -> None:
@@ -293,6 +300,20 @@ def test_duplicate_keys_and_non_finite_doubles_give_valid_json() -> None:
         s.attributes.add(key=key).value.double_value = x
     d, _ = both("traces", req)
     assert json.loads(rows(d, "spans")[0]["attributes"]) == {"a": 2, "nan": "NaN", "inf": "Infinity", "ninf": "-Infinity"}
+
+
+def test_repeated_lifted_key_leaves_the_json_only_if_the_column_took_its_last_copy() -> None:
+    req = trace_request([{"attrs": {}}])
+    s = req.resource_spans[0].scope_spans[0].spans[0]
+    for v in ("early", "late"):
+        s.attributes.add(key="tailscope.batch.id").value.string_value = v
+    s.attributes.add(key="tailscope.shape.len").value.int_value = 7
+    s.attributes.add(key="tailscope.shape.len").value.string_value = "x"  # last copy has the wrong type
+    d, _ = both("traces", req)
+    (span,) = rows(d, "spans")
+    assert span["batch_id"] == "late"  # last value wins, as in the JSON object
+    assert span["shape_len"] == 7
+    assert json.loads(span["attributes"]) == {"tailscope.shape.len": "x"}  # the column did not take this copy
 
 
 def test_long_values_are_truncated_and_counted() -> None:
@@ -377,6 +398,21 @@ def test_logs_kv_events_and_time_fallback() -> None:
     assert (xid["trace_id"], xid["span_id"]) == (TID.hex(), SID.hex())
     assert ready["load_seconds"] == 41.5 and ready["observed_time"] == ready["time"]
     assert ready["time"].isoformat().startswith("2025-11-23")
+    # values in typed columns leave the JSON; event.name stays (the record's own
+    # event_name field can fill the column instead), as do resource extras
+    assert json.loads(ev["attributes"]) == {"event.name": "tailscope.kv.eviction"}
+    assert json.loads(xid["attributes"]) == {} and json.loads(ready["attributes"]) == {}
+    assert json.loads(ev["resource_attributes"]) == {}
+
+
+def test_log_event_name_attribute_is_kept_beside_the_field() -> None:
+    req = log_request([{"event_name": "from.field", "attrs": {"event.name": "from.attribute", "tailscope.kv.blocks": 3}},
+                       {"attrs": {"event.name": "only.attribute", "gpu.index": 1, "tailscope.gpu.index": 2}}])
+    d, _ = both("logs", req)
+    a, b = rows(d, "logs")
+    assert (a["event_name"], json.loads(a["attributes"])) == ("from.field", {"event.name": "from.attribute"})
+    assert (b["event_name"], b["gpu_index"]) == ("only.attribute", 1)
+    assert json.loads(b["attributes"]) == {"event.name": "only.attribute", "tailscope.gpu.index": 2}
 
 
 # ------------------------------------------------------------------- metrics
@@ -434,7 +470,7 @@ def test_decoded_tables_insert_into_the_store(tmp_path: Path, shared_data: Path)
     try:
         store.write([(name, t) for d in (traces, logs, metrics) for name, t in d.tables.items()])
         cur = store.cursor()
-        assert cur.execute("SELECT model, gpu_index, attributes->>'$.\"session.id\"' FROM spans").fetchall() == [("llama-3-8b", 3, "s-9")]
+        assert cur.execute("SELECT model, gpu_index, session_id, attributes FROM spans").fetchall() == [("llama-3-8b", 3, "s-9", "{}")]
         assert cur.execute("SELECT count(*) FROM span_events").fetchone() == (1,)
         assert cur.execute("SELECT count(*) FROM span_links").fetchone() == (1,)
         assert cur.execute("SELECT attributes->>'$.\"int.attribute\"' FROM logs").fetchone() == ("10",)

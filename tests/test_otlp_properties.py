@@ -5,6 +5,8 @@
    bodies of every signal, arbitrary JSON, OTLP-shaped JSON with random leaves).
 2. Random valid spans round-trip ids, times, names and attributes, and the
    protobuf and OTLP/JSON encodings of the same request decode to the same rows.
+   No attribute is lost: every key/value sent (span and resource) is in the
+   JSON column or, with its own type, in its typed column — and not in both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from collector.otlp import JSON, PROTOBUF, decode, decompress
+from collector.attributes import Lifter
+from collector.otlp import JSON, PROTOBUF, RESOURCE_LIFTER, SPAN_LIFTER, decode, decompress
 from collector.otlp_json import to_otlp_json
 from tailscope.errors import BadPayload, PayloadTooLarge
 
@@ -33,7 +36,8 @@ SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 SIGNALS = ("traces", "metrics", "logs")
 MIN_NS, MAX_NS = 86_400 * 10**9, 7_258_118_400 * 10**9
 KNOWN_KEYS = ("tailscope.role", "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "gen_ai.latency.e2e",
-              "tailscope.gpu.index", "gen_ai.request.model", "tailscope.batch.id", "session.id")
+              "tailscope.gpu.index", "gen_ai.request.model", "gen_ai.response.model", "tailscope.batch.id", "session.id")
+RESOURCE_KEYS = ("service.name", "service.instance.id", "host.name", "process.pid", "tailscope.pool")
 
 
 def survives(signal: str, body: bytes, content_type: str) -> None:
@@ -301,11 +305,33 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def assert_recoverable(row: dict[str, Any], sent: dict[str, Any], lifter: Lifter, json_column: str) -> None:
+    """Every sent key/value is in the JSON column or, with its own type, in its
+    typed column; the JSON column holds nothing that was not sent."""
+    stored = json.loads(row[json_column])
+    assert set(stored) <= set(sent), set(stored) - set(sent)
+    column_of = {k: c.column for c in lifter.columns for k in c.keys}
+    for k, v in sent.items():
+        if k in stored:
+            assert stored[k] == expected_json(v), (k, v, stored[k])
+            continue
+        assert k in column_of, f"{k!r} is neither in the JSON column nor a typed column's key"
+        got = row[column_of[k]]
+        want = expected_json(v) if isinstance(v, bytes) else v  # bytes are stored as base64 text everywhere
+        assert type(got) is type(want) and _same(got, want), (k, v, got)
+
+
+resource_attrs = st.dictionaries(st.sampled_from(RESOURCE_KEYS) | st.text(max_size=12), attr_value, max_size=5)
+
+
 @SLOW
-@given(st.lists(span_spec, min_size=1, max_size=6))
-def test_valid_spans_round_trip_and_encodings_agree(specs: list[dict[str, Any]]) -> None:
+@given(st.lists(span_spec, min_size=1, max_size=6), resource_attrs)
+def test_valid_spans_round_trip_and_encodings_agree(specs: list[dict[str, Any]], resource: dict[str, Any]) -> None:
     req = ExportTraceServiceRequest()
-    spans = req.resource_spans.add().scope_spans.add().spans
+    rs = req.resource_spans.add()
+    for k, v in resource.items():
+        _set(rs.resource.attributes.add(key=k).value, v)
+    spans = rs.scope_spans.add().spans
     for spec in specs:
         s = spans.add(trace_id=spec["trace_id"], span_id=spec["span_id"], parent_span_id=spec["parent"], name=spec["name"],
                       kind=spec["kind"], start_time_unix_nano=spec["start"], end_time_unix_nano=spec["start"] + spec["duration"])
@@ -326,7 +352,8 @@ def test_valid_spans_round_trip_and_encodings_agree(specs: list[dict[str, Any]])
         start = datetime.fromtimestamp(spec["start"] // 1000 / 1e6, tz=timezone.utc).replace(tzinfo=None)
         assert abs((row["start_time"] - start).total_seconds()) < 1e-5
         assert row["duration_ms"] == spec["duration"] / 1e6
-        assert json.loads(row["attributes"]) == {k: expected_json(v) for k, v in spec["attrs"].items()}
+        assert_recoverable(row, spec["attrs"], SPAN_LIFTER, "attributes")
+        assert_recoverable(row, resource, RESOURCE_LIFTER, "resource_attributes")
         role = spec["attrs"].get("tailscope.role")
         if isinstance(role, str):
             assert row["role"] == role
