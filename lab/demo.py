@@ -111,8 +111,8 @@ def report(base_url: str, results: list[Any], out: TextIO, dashboard: bool = Fal
             if not incidents:
                 print("   found:    no incident", file=out)
             for inc in incidents:
-                causes = ", ".join(f"{c['cause']} {c['share']:.0%}" for c in inc.get("causes", [])[:3])
-                print(f"   found:    incident {_short(inc['start'])} to {_short(inc['end'])}: p99 {inc.get('p99_ms', 0):.0f} ms "
+                causes = ", ".join(f"{c.get('cause')} {c.get('share') or 0:.0%}" for c in (inc.get("causes") or [])[:3])
+                print(f"   found:    incident {_short(inc['start'])} to {_short(inc['end'])}: p99 {inc.get('p99_ms') or 0:.0f} ms "
                       f"(usual {inc.get('baseline_p99_ms') or 0:.0f} ms), {inc.get('slow_requests', 0)} slow; causes: {causes or 'none'}", file=out)
                 top = (inc.get("causes") or [None])[0]
                 if top and top.get("recommendation"):
@@ -168,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             print(f"tailscope demo: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("\ntailscope demo: interrupted; stopping the server", file=sys.stderr)
+            return 130
         print("\nwhat the analyzer found (GET /api/v1/incidents), next to what the lab injected:", file=out)
         report(base, results, out, dashboard=not args.headless)
         if args.headless:
