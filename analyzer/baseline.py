@@ -26,7 +26,7 @@ from analyzer.requests import COMPONENTS, REQUEST_PREDICATE, component_exprs, le
 # dominated by the requests the incident actually hurt.
 SLOW_SPREADS = 2.5
 MIN_CLASS = 30
-REFERENCE_SAMPLE = 150_000  # requests a baseline is estimated from, at most (hash-sampled)
+REFERENCE_SAMPLE = 100_000  # requests a baseline is estimated from, at most (hash-sampled)
 MAX_SLOW = 5_000
 
 # Finest first. Output length drives decode time, so the fallbacks keep it
@@ -193,6 +193,33 @@ def expectation(classes_name: str, row: str = "r") -> Expectation:
     return Expectation(" ".join(joins), expected, spread, scale, level, pick("n"), pick)
 
 
+def threshold_tables(con: duckdb.DuckDBPyConnection, classes_name: str) -> tuple[Any, Any]:
+    """Slow thresholds resolved per class key (service, model, ib, ob) and per service (fallback).
+
+    Lets a pass over millions of requests find the slow ones with one
+    equi-join on a small table instead of joining every class level.
+    """
+    x = expectation(classes_name, row="c")
+    thr = con.sql(
+        f"""SELECT c.service, c.model, c.ib, c.ob, {x.threshold()} AS thr
+            FROM (SELECT service, model, ib, ob, ob // 2 AS ob2, CAST(pow(2, (ob + 0.5) / 2) AS BIGINT) AS output_tokens
+                  FROM {classes_name} WHERE level = 'l4') c {x.joins}"""
+    ).to_arrow_table()
+    thr0 = con.sql(
+        f"""SELECT c.service, {x.threshold()} AS thr
+            FROM (SELECT service, NULL::VARCHAR AS model, NULL::INTEGER AS ib, NULL::INTEGER AS ob,
+                      NULL::INTEGER AS ob2, NULL::BIGINT AS output_tokens
+                  FROM {classes_name} WHERE level = 'l0') c {x.joins}"""
+    ).to_arrow_table()
+    return thr, thr0
+
+
+# The per-key threshold uses a representative length for the sparse-tail
+# fallback; the exact check follows on the few rows that pass, so the
+# prefilter only needs to be a little lenient.
+PREFILTER = 0.7
+
+
 def slow_candidates(
     con: duckdb.DuckDBPyConnection,
     classes_name: str,
@@ -232,23 +259,35 @@ def slow_candidates(
             range_params += [service, a, b]
         range_cols = f", CASE {case} END AS range_idx, count(*) OVER (PARTITION BY range_idx) AS range_total"
         qualify = f"QUALIFY row_number() OVER (PARTITION BY range_idx ORDER BY hash(span_id)) <= {int(per_range)}"
+    prefilter, joins_pre = "", ""
+    if trace_id is None:
+        thr, thr0 = threshold_tables(con, classes_name)
+        con.register("_pthr", thr)
+        con.register("_pthr0", thr0)
+        joins_pre = "LEFT JOIN _pthr pt USING (service, model, ib, ob) LEFT JOIN _pthr0 pt0 USING (service)"
+        slo_pre = (" OR " + slo_expr.replace("r.service", "service") + " IS NOT NULL") if slo else ""
+        prefilter = f"AND (latency_ms > {PREFILTER} * coalesce(pt.thr, pt0.thr, 0){slo_pre})"
     slow_sql = (
         "trace_id = ?"
         if trace_id is not None
         else f"(latency_ms > expected_ms + {SLOW_SPREADS} * spread_ms OR (slo_ms IS NOT NULL AND latency_ms > slo_ms))"
     )
     sql = f"""
-    WITH r AS (
+    WITH r0 AS (
         SELECT {request_columns()}, coalesce(model, '') AS model_key,
             {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
             {length_bucket('output_tokens')} // 2 AS ob2
         FROM spans
         WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql} AND {rg_sql}
     ),
+    r AS (
+        SELECT r0.* FROM (SELECT * REPLACE (model_key AS model) FROM r0) r0 {joins_pre.replace("USING (service, model, ib, ob)", "ON pt.service = r0.service AND pt.model = r0.model AND pt.ib = r0.ib AND pt.ob = r0.ob").replace("USING (service)", "ON pt0.service = r0.service")}
+        WHERE TRUE {prefilter.replace("latency_ms", "r0.latency_ms")}
+    ),
     j AS (
         SELECT r.*, {x.expected} AS expected_ms, {x.spread} AS spread_ms, {x.level} AS class_level,
             {x.n} AS class_n, {slo_expr} AS slo_ms, {exp_comps}
-        FROM (SELECT * REPLACE (model_key AS model) FROM r) r
+        FROM r
         {x.joins}
     )
     SELECT *, latency_ms - expected_ms AS excess_ms, epoch(start_time) AS t0, epoch(end_time) AS t1{range_cols}
@@ -258,9 +297,15 @@ def slow_candidates(
     ORDER BY excess_ms DESC
     LIMIT {int(limit)}
     """
-    params = [window.start, window.end, *svc_params, *rg_params, *slo_params, *range_params]
+    pre_params = slo_params if (slo and trace_id is None) else []
+    params = [window.start, window.end, *svc_params, *rg_params, *pre_params, *slo_params, *range_params]
     if trace_id is not None:
         params.append(trace_id)
-    cur = con.execute(sql, params)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row)) for row in cur.fetchall()]
+    try:
+        cur = con.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+    finally:
+        if trace_id is None:
+            con.unregister("_pthr")
+            con.unregister("_pthr0")

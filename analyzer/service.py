@@ -25,7 +25,7 @@ import numpy as np
 
 from analyzer import recommend
 from analyzer.attribute import attribute
-from analyzer.baseline import Span, class_baselines, expectation, slow_candidates
+from analyzer.baseline import Span, class_baselines, slow_candidates, threshold_tables
 from analyzer.contrast import contrast
 from analyzer.detect import DAY_S, detect
 from analyzer.evidence import Evidence, gather
@@ -287,19 +287,7 @@ class Analyzer:
                                   sample=SPIKE_SAMPLE)
         con.register("_sclasses", classes)
         try:
-            x = expectation("_sclasses", row="c")
-            thr = con.sql(
-                f"""SELECT c.service, c.model, c.ib, c.ob, {x.threshold()} AS thr
-                    FROM (SELECT service, model, ib, ob, ob // 2 AS ob2,
-                              CAST(pow(2, (ob + 0.5) / 2) AS BIGINT) AS output_tokens
-                          FROM _sclasses WHERE level = 'l4') c {x.joins}"""
-            ).to_arrow_table()
-            thr0 = con.sql(
-                f"""SELECT c.service, {x.threshold()} AS thr
-                    FROM (SELECT service, NULL::VARCHAR AS model, NULL::INTEGER AS ib, NULL::INTEGER AS ob,
-                              NULL::INTEGER AS ob2, NULL::BIGINT AS output_tokens
-                          FROM _sclasses WHERE level = 'l0') c {x.joins}"""
-            ).to_arrow_table()
+            thr, thr0 = threshold_tables(con, "_sclasses")
         finally:
             con.unregister("_sclasses")
         con.register("_thr", thr)
@@ -631,8 +619,7 @@ class Analyzer:
         if not service:
             return None
         ref = Span(a - REFERENCE_BEFORE, b + REFERENCE_AFTER)
-        spikes = self._spikes(con, service, (ref.start, ref.end))
-        exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
+        exclude: list[tuple[str, datetime, datetime]] = []  # a local baseline; medians shrug off an incident in it
         results, _ = self._explain(con, [service], None, Span(a - timedelta(milliseconds=1), a + timedelta(milliseconds=1)), ref, exclude,
                                    trace_id=req["trace_id"])
         mine = [r for r in results if r["span_id"] == req["span_id"]]
