@@ -152,7 +152,7 @@ def emit_chat(
             q = by_rid[o.rid]
             g = gen(o.segments[0][1]) if o.segments else 0
             kw: dict[str, Any] = dict(
-                model=scn.model, input_tokens=q.prompt, request_id=f"{scn.name}-{q.rid}", gpu_index=r, priority="interactive",
+                model=scn.model, input_tokens=q.prompt, request_id=f"req-{base_epoch:.0f}-{q.rid}", gpu_index=r, priority="interactive",
             )
             if q.session:
                 kw["session_id"] = q.session
@@ -269,7 +269,7 @@ def emit_gateway(
         h = handles[q.replica]
         t0 = base_epoch + q.arrival
         lat = latencies[q.rid]
-        req = h.start_request(start_time=t0, model="upstream-large", input_tokens=q.prompt, request_id=f"{scn.name}-{q.rid}")
+        req = h.start_request(start_time=t0, model="upstream-large", input_tokens=q.prompt, request_id=f"req-{base_epoch:.0f}-{q.rid}")
         call = h.start_stage("provider_call", parent=req, start_time=t0 + 0.0025, system=p.system, server_address=p.address, region=p.region)
         call.end(t0 + lat - 0.0025)
         req.set(output_tokens=q.output, e2e=lat)

@@ -37,7 +37,7 @@ def scenario(data_dir: Path) -> Scenario:
         Injection("kv_eviction", 120.0, 160.0, 0),
         Injection("cold_start", 60.0, 65.0, 1),
     ]
-    return Scenario("e2e", "test", "lab-e2e", 180.0, specs, reqs, inj)
+    return Scenario("e2e_mix", "test", "lab-e2e", 180.0, specs, reqs, inj)
 
 
 @pytest.mark.slow
@@ -96,6 +96,18 @@ def test_short_scenario_fills_the_telemetry_tables(make_server: Any, shared_data
     assert slow and {r["cause"] for r in slow} <= {"compile_miss", "kv_eviction", "cold_start"}
     leaked = srv.sql("select count(*) from spans where cast(attributes as varchar) like '%excess%' or cast(attributes as varchar) like '%cause%'")[0][0]
     assert leaked == 0
+    # nor does anything the server holds name the scenario or an injected cause
+    pattern = "'.*(e2e_mix|compile_miss|kv_eviction|cold_start).*'"
+    text = {
+        "spans": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '') || coalesce(request_id, '') "
+                 "|| coalesce(session_id, '') || coalesce(name, '') || coalesce(service_instance_id, '') || coalesce(compile_frame, '')",
+        "logs": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '') || coalesce(body, '')",
+        "metrics": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '')",
+    }
+    for table, expr in text.items():
+        rows = srv.sql(f"select count(*) from {table} where lower({expr}) similar to {pattern}")
+        assert rows[0][0] == 0, table
+    assert srv.sql("select count(*) from spans where request_id like 'req-%'")[0][0] == n
     # virtual time: the spans sit inside the scenario's planned window
     lo, hi = srv.sql("select min(epoch(start_time)), max(epoch(end_time)) from spans where service_name = 'lab-e2e'")[0]
     assert epoch - 1 <= lo and hi <= epoch + 180.0 + 600.0
