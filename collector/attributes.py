@@ -440,6 +440,12 @@ class Values:
         other = {i: v for i, (v, c) in enumerate(zip(values, codes)) if c == _OTHER} if _OTHER in present else {}
         return cls(vtype, pa.array(strs, pa.string()), ival, fval, bval, other)
 
+    def subset(self, sel: np.ndarray) -> "Values":
+        """The values of entries ``sel``, in that order."""
+        other = {j: self.other[i] for j, i in enumerate(sel.tolist()) if i in self.other} if self.other else {}
+        return Values(self.vtype[sel], self.sval.take(pa.array(sel, pa.int64())), self.ival[sel], self.fval[sel],
+                      self.bval[sel], other)
+
     def patch(self, at: Sequence[int], values: Sequence[Any]) -> None:
         """Overwrite entries ``at`` with decoded Python ``values``."""
         if not len(at):
@@ -517,7 +523,9 @@ class Values:
 class Entries:
     """Distinct attributes of a batch, as columns (see the module docstring).
 
-    ``frag``: JSON fragment ``"key":value``; ``key_id`` into ``keys``; ``col``:
+    ``frags(sel)``: JSON fragments ``"key":value`` of the entries ``sel``, made
+    only for the entries a JSON column needs (most of a request span's go to
+    typed columns, and formatting doubles as text is not free); ``key_id`` into ``keys``; ``col``:
     typed column index or -1; ``prio``: 0 for a column's first key; ``gen_ai``;
     ``lift_s``/``lift_i``/``lift_f``: the value converted for a text, integer
     or double column; ``exact``: the column holds the value with its own type
@@ -526,10 +534,17 @@ class Entries:
     cut to the size limit in this entry.
     """
 
-    __slots__ = ("frag", "key_id", "keys", "col", "prio", "gen_ai", "lift_s", "lift_i", "lift_f", "exact", "trunc")
+    __slots__ = ("vals", "k_json", "key_id", "keys", "col", "prio", "gen_ai", "lift_s", "lift_i", "lift_f", "exact", "trunc")
 
     def __len__(self) -> int:
         return len(self.key_id)
+
+    def frags(self, sel: np.ndarray) -> pa.Array:
+        """JSON fragments ``"key":value`` of entries ``sel`` (a NumPy index array)."""
+        if not len(sel):
+            return pa.array([], pa.string())
+        text = self.vals.subset(sel).json_text()
+        return pc.binary_join_element_wise(self.k_json.take(pa.array(self.key_id[sel], pa.int64())), text, "")
 
 
 class Lifter:
@@ -604,8 +619,8 @@ class Lifter:
         e.keys = uniq
         e.key_id = key_id
         e.trunc = trunc
-        text = vals.json_text()
-        e.frag = pc.binary_join_element_wise(k_json.take(pa.array(key_id, pa.int64())), text, "") if len(key_id) else text
+        e.vals = vals
+        e.k_json = k_json
         e.gen_ai = k_gen[key_id]
         e.prio = k_prio[key_id]
         kind = k_kind[key_id]
@@ -861,11 +876,17 @@ def columns(lifter: Lifter, e: Entries, index: np.ndarray, counts: Sequence[int]
         j_index, j_item, j_comb, j_cnt = index, item_of, combined, cnt
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(j_cnt, out=offsets[1:])
-    taken = e.frag.take(pa.array(j_index, pa.int64())) if len(j_index) else pa.array([], pa.string())
+    if len(j_index):
+        need, j_local = np.unique(j_index, return_inverse=True)  # format each needed entry once
+        frags = e.frags(need)
+        taken = frags.take(pa.array(j_local.reshape(-1), pa.int64()))
+    else:
+        need, j_local, frags = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), pa.array([], pa.string())
+        taken = frags
     lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), taken)
     json_col = pc.binary_join_element_wise("{", pc.binary_join(lists, ","), "}", "")
     if len(j_index) and _has_repeats(j_comb, n * n_keys):
-        json_col = _dedupe_json(e, j_index, offsets, json_col, j_item, j_comb)
+        json_col = _dedupe_json(frags, j_local, e.key_id[j_index], offsets, json_col, j_item, j_comb)
 
     if len(index):
         gen_ai = np.bincount(item_of[e.gen_ai[index]], minlength=n) > 0
@@ -885,21 +906,22 @@ def _has_repeats(combined: np.ndarray, space: int) -> bool:
     return len(np.unique(combined)) != len(combined)
 
 
-def _dedupe_json(e: Entries, index: np.ndarray, offsets: np.ndarray, json_col: pa.Array,
+def _dedupe_json(frags: pa.Array, local: np.ndarray, key_ids: np.ndarray, offsets: np.ndarray, json_col: pa.Array,
                  item_of: np.ndarray, combined: np.ndarray) -> pa.Array:
-    """Rebuild the JSON of items that repeat a key (last value wins, as in a dict)."""
+    """Rebuild the JSON of items that repeat a key (last value wins, as in a dict).
+
+    ``local[p]``: position in ``frags`` of the p-th attribute; ``key_ids[p]`` its key.
+    """
     _, first, counts = np.unique(combined, return_index=True, return_counts=True)
     dup_items = np.unique(item_of[first[counts > 1]])
     out = json_col.to_pylist()
-    idx = index.tolist()
-    frags = e.frag
+    loc = local.tolist()
+    keys = key_ids.tolist()
     for it in dup_items.tolist():
         parts: dict[int, str] = {}
         for p in range(int(offsets[it]), int(offsets[it + 1])):
-            u = idx[p]
-            k = int(e.key_id[u])
-            parts.pop(k, None)
-            parts[k] = frags[u].as_py()
+            parts.pop(keys[p], None)
+            parts[keys[p]] = frags[loc[p]].as_py()
         out[it] = "{" + ",".join(parts.values()) + "}"
     return pa.array(out, pa.string())
 
