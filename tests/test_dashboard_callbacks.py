@@ -397,3 +397,26 @@ def test_dashboard_is_mounted_in_the_server(filled: Any) -> None:
     cfg = httpx.get(running.url + "/dashboard/_dash-layout", timeout=30)
     assert cfg.status_code == 200 and "ctl-range" in cfg.text
     assert httpx.get(running.url + "/dashboard/assets/style.css", timeout=30).status_code == 200
+
+
+def test_every_page_renders_on_an_empty_store(tmp_path: Any) -> None:
+    """A fresh install: every page explains there is nothing yet, none errors."""
+    from analyzer.service import Analyzer
+    from collector.store import Store
+    from dashboard.app import overview_slow_callback, render_page
+    from tailscope.config import load
+
+    config = load({"db": str(tmp_path / "empty.duckdb")}, environ={})
+    store = Store(config.db)
+    try:
+        analyzer = Analyzer(store, config)
+        for path in ("", "gpus", "shapes", "batching", "hours", "sql"):
+            page = render_page("/dashboard/" + path, "?range=24h", analyzer=analyzer, store=store, config=config)
+            assert errors(page) == [], (path, errors(page))
+        shown = " ".join(texts(render_page("/dashboard/", "", analyzer=analyzer, store=store, config=config)))
+        assert "No services have sent request spans yet." in shown
+        assert errors(overview_slow_callback("", analyzer=analyzer, store=store, config=config)) == []
+        (line,) = errors(render_page("/dashboard/request/" + "0" * 32, "", analyzer=analyzer, store=store, config=config))
+        assert "no trace" in line
+    finally:
+        store.close()
