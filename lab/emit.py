@@ -210,12 +210,14 @@ def emit_chat(
             for bid, bstart, _pstart, pend, left in o.segments:
                 if bstart > prev:
                     h.start_stage("queue", parent=span, start_time=ep(prev)).end(ep(bstart))
+                    n_spans += 1
                 h.start_stage("prefill", parent=span, start_time=ep(bstart)).end(ep(pend))
+                n_spans += 1
                 end = left if not math.isnan(left) else o.end
                 if end > pend:
                     h.start_stage("decode", parent=span, start_time=ep(pend)).end(ep(end))
+                    n_spans += 1
                 prev = end
-                n_spans += 3
             first = o.segments[0]
             span.set(
                 output_tokens=q.output, shape_len=o.shape_len, kv_cached_tokens=o.cached_tokens, kv_preemptions=o.preemptions,

@@ -51,6 +51,7 @@ def test_short_scenario_fills_the_telemetry_tables(make_server: Any, shared_data
     assert res.compiles >= 1
 
     roles = dict(srv.sql("select role, count(*) from spans where service_name = 'lab-e2e' group by role"))
+    assert sum(roles.values()) == res.spans  # the count callers wait on is exact
     n = len(scn.requests)
     assert roles["request"] == n
     assert roles["queue"] >= n * 0.5 and roles["prefill"] >= n and roles["decode"] >= n
