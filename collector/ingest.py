@@ -100,6 +100,14 @@ class Ingest:
         self._failing_until = 0.0
         self._seq = self._next_seq()
         self._json_columns = self._find_json_columns()
+        # DuckDB checkpoints (folds the WAL into the file) when the WAL passes this
+        # size. Its default, 16 MB, is a checkpoint every ~40 k request spans; each
+        # one rewrites partly filled row groups, so at 64 MB the store spends about
+        # 20 % less CPU per span (benchmarks/ingest.py, stage costs). The price is a
+        # WAL of up to that size to replay after a crash (about a second per 64 MB).
+        # Durability is unchanged: every commit still syncs the WAL before the ack.
+        threshold_mb = int(config.checkpoint_threshold_mb)
+        self.store.execute_write(f"SET checkpoint_threshold = '{threshold_mb}MB'")
         self.metrics.gauge("tailscope_ingest_queue_items", "Items accepted and not yet committed.", lambda: self._depth)
         self.metrics.gauge("tailscope_ingest_queue_capacity_items", "Queue bound (queue_max_spans); beyond it ingest answers 429.", lambda: self.capacity)
         self.metrics.gauge("tailscope_ingest_store_failing", "1 while the store refuses writes (ingest answers 503).", lambda: 1 if self._failing else 0)
