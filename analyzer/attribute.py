@@ -255,6 +255,14 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             row["gap_before_request_ms"] = _r(gap * 1000.0)
             led.claim_pools(cause, ("queue",), dur * 1000.0, [row])
 
+    # A problem on this replica explains its queueing only beyond what the other
+    # replicas' queues show at the same time (a surge queues them all alike).
+    queue_cap = math.inf
+    if comp["queue"] is not None:
+        peer = ev.peer_queue_ms(req.get("service"), inst, t0)
+        if peer is not None:
+            queue_cap = max(0.0, comp["queue"] - max(peer, float(req.get("exp_queue_ms") or 0.0)))
+
     # --- 3. KV evictions and preemptions --------------------------------------
     victim_rows = ev.evict_victim.get(req["trace_id"], [])
     preempt = int(req.get("kv_preemptions") or 0)
@@ -270,8 +278,9 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
         expected = ev.evict_ref.get(inst or "", 0.0) * (t1 - t0 + 30)
         if len(pressure) >= 3 and len(pressure) >= 3 * expected:
             # The cache is full: new requests wait for blocks, running ones recompute.
-            led.claim_pools("kv_eviction", ("queue", "prefill") + other, math.inf,
-                            [dict(_evict_row(e), normal_rate_per_s=_r(ev.evict_ref.get(inst or "", 0.0), 4)) for e in pressure[:5]])
+            rows = [dict(_evict_row(e), normal_rate_per_s=_r(ev.evict_ref.get(inst or "", 0.0), 4)) for e in pressure[:5]]
+            led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
+            led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, rows)
         lost = _prefix_lost(req, ev.session_prev.get((req["trace_id"], req["span_id"])))
         if lost:
             led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, [lost])
@@ -284,10 +293,11 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
     if throttle:
         frac, rows = throttle
         led.claim_pools("gpu_throttle", compute_pools, compute_ms * frac if frac < 1 else math.inf, rows)
-        led.claim_pools("gpu_throttle", ("queue",), math.inf, rows[:1])
+        led.claim_pools("gpu_throttle", ("queue",), queue_cap, rows[:1])
     foreign = _foreign(ev, host, gpu, req.get("process_pid"), t0, t1)
     if foreign:
-        led.claim_pools("gpu_contention", compute_pools + ("queue",), math.inf, foreign)
+        led.claim_pools("gpu_contention", compute_pools, math.inf, foreign)
+        led.claim_pools("gpu_contention", ("queue",), queue_cap, foreign[:1])
 
     # --- 5. the batch it ran in, and the batch it queued behind -----------------
     ref_b = ev.batch_ref.get(req.get("service"))

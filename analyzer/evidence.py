@@ -24,6 +24,7 @@ from analyzer.requests import REQUEST_PREDICATE
 # queued (the backlog a stall leaves takes a while to drain).
 STALL_LOOKBACK_S = 300.0
 GPU_PAD_S = 5.0  # GPU samples are periodic; one just outside the request still describes it
+QUEUE_SLOT_S = 10
 THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 GPU_METRICS = (
     "tailscope.gpu.sm_clock",
@@ -53,6 +54,20 @@ class Evidence:
     batch_ref: dict[str, dict] = field(default_factory=dict)  # by service
     batches_on: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
     evict_ref: dict[str, float] = field(default_factory=dict)  # capacity/preemption evictions per second, by instance
+    queue_profile: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # (service, 10 s slot) -> instance -> median queue ms
+
+    def peer_queue_ms(self, service: str | None, instance: str | None, t: float) -> float | None:
+        """Median queue time on the *other* replicas of the service around ``t`` (None without peers)."""
+        slot = int(t // QUEUE_SLOT_S)
+        vals = []
+        for k in (slot - 1, slot, slot + 1):
+            for inst, q in (self.queue_profile.get((service or "", k)) or {}).items():
+                if inst != instance:
+                    vals.append(q)
+        if not vals:
+            return None
+        vals.sort()
+        return vals[len(vals) // 2]
     gpu: dict[tuple[str, int | None], dict[str, list[tuple[float, float, int | None]]]] = field(default_factory=dict)
     gpu_ref: dict[tuple[str, int | None], dict] = field(default_factory=dict)
     foreign_presence: dict[tuple[str, int | None, int], float] = field(default_factory=dict)
@@ -126,6 +141,7 @@ def gather(
         _gpu(con, ev, lo, hi, ref_start)
         _providers(con, ev, hi)
         _rates(con, ev, ref_start, hi, step_s)
+        _queue_profile(con, ev, lo, hi)
     finally:
         con.unregister("_slow")
     return ev
@@ -195,6 +211,25 @@ def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: d
             ev.evict_victim[row["trace_id"]].append(row)
         if row["instance"]:
             ev.evict_instance[row["instance"]].append(row)
+
+
+def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    """Per replica and 10 s slot, the median time requests queued (stage spans or vLLM's attribute)."""
+    cur = con.execute(
+        f"""SELECT service, inst, CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) AS slot, median(q) FROM (
+              SELECT service_name AS service, service_instance_id AS inst, start_time AS t, duration_ms AS q
+              FROM spans WHERE role = 'queue' AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
+                AND service_name IN (SELECT DISTINCT service FROM _slow)
+              UNION ALL
+              SELECT service_name, service_instance_id, start_time, time_in_queue_s * 1000.0
+              FROM spans WHERE {REQUEST_PREDICATE} AND time_in_queue_s IS NOT NULL
+                AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
+                AND service_name IN (SELECT DISTINCT service FROM _slow)
+           ) WHERE inst IS NOT NULL GROUP BY ALL""",
+        [lo, hi, lo, hi],
+    )
+    for service, inst, slot, q in cur.fetchall():
+        ev.queue_profile.setdefault((service or "", int(slot)), {})[inst] = float(q)
 
 
 def _eviction_rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, ref_end: datetime) -> None:

@@ -76,11 +76,13 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
     if len(windows) < 2 * MIN_RUN:
         return [(sp, results)]
     per: dict[float, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    hits: dict[float, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in results:
         w = (unix(to_utc_naive(r["start"])) // step) * step
         for c in r["causes"]:
             if c["cause"] != "unknown":
                 per[w][c["cause"]] += c["excess_ms"] or 0.0
+                hits[w][c["cause"]] += 1
     dom = [max(per[t], key=per[t].get) if per.get(t) else None for t, _, _ in windows]
     runs: list[list[Any]] = []  # [first, last, cause]
     for i, d in enumerate(dom):
@@ -90,16 +92,21 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
                 runs[-1][2] = d
         else:
             runs.append([i, i, d])
-    spike_total = sum(sum(v.values()) for v in per.values()) or 1.0
-
     def stands(run: list[Any]) -> bool:
-        """Long enough, or one window where one cause clearly dominates a large part of the spike."""
+        """Long enough, or a window that one cause clearly dominates (≥ 60 %, 1.5x the next, ≥ 5 requests)."""
         if run[1] - run[0] + 1 >= MIN_RUN:
             return True
-        cells = [per.get(windows[i][0], {}) for i in range(run[0], run[1] + 1)]
-        total = sum(sum(c.values()) for c in cells)
-        mine = sum(c.get(run[2], 0.0) for c in cells)
-        return total > 0 and mine / total >= 0.7 and mine >= 0.2 * spike_total
+        cell: dict[str, float] = defaultdict(float)
+        n = 0
+        for i in range(run[0], run[1] + 1):
+            for cause, ms in per.get(windows[i][0], {}).items():
+                cell[cause] += ms
+            n += hits.get(windows[i][0], {}).get(run[2], 0)
+        ranked = sorted(cell.values(), reverse=True)
+        if not ranked or n < 5:
+            return False
+        runner_up = ranked[1] if len(ranked) > 1 else 0.0
+        return cell.get(run[2], 0.0) >= 0.6 * sum(ranked) and cell.get(run[2], 0.0) >= 1.5 * runner_up
 
     merged: list[list[Any]] = []
     for run in runs:
