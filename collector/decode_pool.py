@@ -8,6 +8,12 @@ other request, and on threads it still uses one core. With
 process is unsafe); the server process only moves bytes in and Arrow tables
 out. With 0 it runs on a small thread pool, which keeps tests and small
 deployments free of extra processes.
+
+The default is 0 because on two cores processes gained nothing in
+measurements (benchmarks/ingest.py, docs/ingest.md): DuckDB's insert already
+runs on native threads beside the decoding thread, and each body's Arrow
+tables cost a pickle round trip (~8 % more CPU per span). Use processes on
+machines with more cores, where decode would otherwise be held to one core.
 """
 
 from __future__ import annotations
