@@ -758,12 +758,13 @@ def decode_blobs(blobs: pa.Array, limit: int) -> tuple[pa.Array, Values, np.ndar
     i_int = np.nonzero(tag == 0x18)[0]
     if len(i_int):
         nb = vl[i_int] - 1
-        grid = d[q[i_int][:, None] + np.arange(10)].astype(np.uint64)
-        pos = np.arange(10)[None, :]
+        width = int(min(max(int(nb.max()), 1), 10))  # token counts and ids take 1-3 bytes, not 10
+        grid = d[q[i_int][:, None] + np.arange(width)].astype(np.uint64)
+        pos = np.arange(width)[None, :]
         within = pos < nb[:, None]
         cont = (grid & 0x80) != 0
         canon = (nb >= 1) & (nb <= 10) & np.all((cont == (pos < (nb - 1)[:, None])) | ~within, axis=1)
-        v = np.sum(np.where(within, (grid & np.uint64(0x7F)) << _SHIFTS, np.uint64(0)), axis=1, dtype=np.uint64)
+        v = np.sum(np.where(within, (grid & np.uint64(0x7F)) << _SHIFTS[:width], np.uint64(0)), axis=1, dtype=np.uint64)
         i_int, v = i_int[canon], v[canon]
         ival[i_int] = v.view(np.int64)
         vtype[i_int] = _INT
