@@ -158,8 +158,9 @@ def stage_costs(body: bytes, batch: int) -> dict[str, float]:
     pick = cpu(lambda: pickle.loads(pickle.dumps(d, protocol=5)), 10)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "s.duckdb")
-        store._con.execute("SET checkpoint_threshold = '10GB'")  # time the checkpoint on its own below
         ing = Ingest(store, load({"db": str(Path(tmp) / "s.duckdb")}, environ={}))
+        # after Ingest, which sets the configured threshold: time the checkpoint on its own below
+        store._con.execute("SET checkpoint_threshold = '10GB'")
         group = [type("P", (), {"decoded": d})()] * 20  # what the writer merges for a 20-request group
         store.write(ing._merge(group))
         reps = 4
