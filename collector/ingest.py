@@ -107,7 +107,7 @@ class Ingest:
         # WAL of up to that size to replay after a crash (~0.5 s per 64 MB measured).
         # Durability is unchanged: every commit still syncs the WAL before the ack.
         threshold_mb = int(config.checkpoint_threshold_mb)
-        self.store.execute_write(f"SET checkpoint_threshold = '{threshold_mb}MB'")
+        self.store.execute_write(f"SET checkpoint_threshold = '{threshold_mb}MiB'")
         self.metrics.gauge("tailscope_ingest_queue_items", "Items accepted and not yet committed.", lambda: self._depth)
         self.metrics.gauge("tailscope_ingest_queue_capacity_items", "Queue bound (queue_max_spans); beyond it ingest answers 429.", lambda: self.capacity)
         self.metrics.gauge("tailscope_ingest_store_failing", "1 while the store refuses writes (ingest answers 503).", lambda: 1 if self._failing else 0)

@@ -88,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_after_s", 1, "Retry-After seconds sent with 429/503.", _positive_int),
     Setting("retention_hours", 0, "Delete telemetry older than this many hours; 0 keeps everything.", _non_negative_int),
     Setting("max_attribute_bytes", 64 * 1024, "Longer string attribute values are truncated (and counted) on ingest.", _positive_int),
-    Setting("checkpoint_threshold_mb", 64, "DuckDB folds its write-ahead log into the file once the log is this big (larger: less ingest CPU, longer restart replay).", _positive_int),
+    Setting("checkpoint_threshold_mb", 64, "DuckDB folds its write-ahead log into the file once the log is this many MiB (larger: less ingest CPU, longer restart replay).", _positive_int),
     Setting("decode_workers", 0, "Processes that decode OTLP/HTTP bodies in parallel; 0 decodes on the server's own threads.", _non_negative_int),
     Setting("max_profiler_bytes", 256 * 1024 * 1024, "Largest profiler trace accepted, compressed or not (413 beyond).", _positive_int),
     Setting("profiler_dir", "", "Where uploaded profiler traces are kept; default: <db>.profiler/ next to the DuckDB file."),

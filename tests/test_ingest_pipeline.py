@@ -251,3 +251,11 @@ def test_cancelled_waiter_does_not_break_the_writer(store):
         ing.stop()
     assert count(store, "SELECT count(*) FROM spans") == [(13,)]
     assert ing.depth == 0
+
+
+def test_checkpoint_threshold_setting_reaches_duckdb(store):
+    for mb in (64, 8):
+        Ingest(store, load({"checkpoint_threshold_mb": mb}, environ={}))
+        ((value,),) = count(store, "SELECT current_setting('checkpoint_threshold')")
+        number, unit = value.split()
+        assert (float(number), unit) == (mb, "MiB"), value
