@@ -99,12 +99,14 @@ def test_short_scenario_fills_the_telemetry_tables(make_server: Any, shared_data
     assert leaked == 0
     # nor does anything the server holds name the scenario or an injected cause
     pattern = "'.*(e2e_mix|compile_miss|kv_eviction|cold_start).*'"
-    text = {
-        "spans": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '') || coalesce(request_id, '') "
-                 "|| coalesce(session_id, '') || coalesce(name, '') || coalesce(service_instance_id, '') || coalesce(compile_frame, '')",
-        "logs": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '') || coalesce(body, '')",
-        "metrics": "cast(attributes as varchar) || coalesce(cast(resource_attributes as varchar), '')",
-    }
+    # every text column (typed or JSON) of every telemetry table, so a label can hide nowhere
+    text = {}
+    for table in ("spans", "logs", "metrics", "span_events", "span_links"):
+        cols = srv.sql(
+            "select column_name from information_schema.columns "
+            f"where table_name = '{table}' and data_type in ('VARCHAR', 'JSON')"
+        )
+        text[table] = " || ".join(f"coalesce(cast({c[0]} as varchar), '')" for c in cols)
     for table, expr in text.items():
         rows = srv.sql(f"select count(*) from {table} where lower({expr}) similar to {pattern}")
         assert rows[0][0] == 0, table
