@@ -121,8 +121,14 @@ def class_baselines(
                 regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b, {comps}
             FROM ref_rows GROUP BY {cols}"""
         )
-    kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start - timedelta(minutes=1), r.end + timedelta(hours=1)) for r in refs])
-    kids_cte = f"kids AS ({stage_sums_sql('ref_req', 'AND ' + kid_sql)})," if components else ""
+    # Component medians need far fewer requests than latency classes, and the
+    # stage-span scan is the expensive part: take them from at most the last
+    # COMPONENT_SLICE of each reference range.
+    slices = [Span(max(r.start, r.end - COMPONENT_SLICE), r.end) for r in refs]
+    kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start, r.end + timedelta(hours=1)) for r in slices])
+    slice_sql, slice_params = _spans_filter("start_time", slices)
+    kids_cte = (f"kid_req AS (SELECT trace_id, span_id, start_time, end_time FROM ref_req WHERE {slice_sql}),\n"
+                f"    kids AS ({stage_sums_sql('kid_req', 'AND ' + kid_sql)}),") if components else ""
     comp_cols = ",\n            " + component_exprs("r", "k") if components else ""
     kids_join = "LEFT JOIN kids k USING (trace_id, span_id)" if components else ""
     sql = f"""
@@ -139,7 +145,7 @@ def class_baselines(
     )
     {' UNION ALL '.join(selects)}
     """
-    params = [*rng_params, *svc_params, *ex_params] + (kid_params if components else [])
+    params = [*rng_params, *svc_params, *ex_params] + (slice_params + kid_params if components else [])
     return con.sql(sql, params=params).to_arrow_table()
 
 
@@ -213,6 +219,8 @@ def threshold_tables(con: duckdb.DuckDBPyConnection, classes_name: str) -> tuple
     ).to_arrow_table()
     return thr, thr0
 
+
+COMPONENT_SLICE = timedelta(hours=2)
 
 # The per-key threshold uses a representative length for the sparse-tail
 # fallback; the exact check follows on the few rows that pass, so the

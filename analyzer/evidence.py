@@ -132,7 +132,7 @@ def gather(
         lo_s = min(float(r["t0"]) for r in slow)
         hi_s = max(float(r["t1"]) for r in slow)
         lo, hi = _ts(lo_s), _ts(hi_s)
-        _children(con, ev, lo, hi)
+        _children(con, ev, slow)
         _stalls(con, ev, lo, hi)
         _evictions(con, ev, lo, hi)
         _eviction_rates(con, ev, ref_start, ref_end)
@@ -147,16 +147,32 @@ def gather(
     return ev
 
 
-def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
-    cur = con.execute(
-        """SELECT c.trace_id, c.parent_span_id, c.span_id, c.role, epoch(c.start_time) AS a, epoch(c.end_time) AS b,
+def _time_ranges(slow: Sequence[dict[str, Any]], pad_s: float = 1.0, gap_s: float = 60.0, most: int = 64) -> list[tuple[datetime, datetime]]:
+    """The slow requests' lifetimes merged into a few time ranges (for zone-map pruning)."""
+    spans = sorted((float(r["t0"]) - pad_s, float(r["t1"]) + pad_s) for r in slow)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1] + gap_s:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if len(merged) > most:
+        merged = [[merged[0][0], max(m[1] for m in merged)]]
+    return [(_ts(a), _ts(b)) for a, b in merged]
+
+
+def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[str, Any]]) -> None:
+    # Child spans start inside their parent: scanning only the slow requests'
+    # own time ranges keeps this cheap when they are scattered over a day.
+    ranges = _time_ranges(slow, most=200)
+    cols = """c.trace_id, c.parent_span_id, c.span_id, c.role, epoch(c.start_time) AS a, epoch(c.end_time) AS b,
                 c.duration_ms, c.compile_kind, c.compile_reason, c.compile_shape, c.compile_cache, c.compile_backend,
-                c.compile_frame, c.gen_ai_system, c.server_address, c.provider_region, c.name
-           FROM spans c
-           WHERE c.start_time >= ? - INTERVAL 1 HOUR AND c.start_time <= ? AND c.parent_span_id IS NOT NULL
-             AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM _slow)""",
-        [lo, hi],
-    )
+                c.compile_frame, c.gen_ai_system, c.server_address, c.provider_region, c.name"""
+    # One simple range per branch, so each branch prunes row groups on its own.
+    branch = f"""SELECT {cols} FROM spans c
+           WHERE c.start_time >= ? AND c.start_time <= ? AND c.parent_span_id IS NOT NULL
+             AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM _slow)"""
+    cur = con.execute(" UNION ALL ".join(branch for _ in ranges), [x for r in ranges for x in r])
     for row in _rows(cur):
         ev.children[(row["trace_id"], row["parent_span_id"])].append(row)
 
@@ -225,7 +241,11 @@ def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, h
               FROM spans WHERE {REQUEST_PREDICATE} AND time_in_queue_s IS NOT NULL
                 AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
                 AND service_name IN (SELECT DISTINCT service FROM _slow)
-           ) WHERE inst IS NOT NULL GROUP BY ALL""",
+           ) WHERE inst IS NOT NULL
+             -- only the slots around the slow requests (they may be scattered over a day)
+             AND CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) IN (
+                 SELECT DISTINCT CAST(floor(t0 / {QUEUE_SLOT_S}) AS BIGINT) + d FROM _slow, range(-1, 2) r(d))
+           GROUP BY ALL""",
         [lo, hi, lo, hi],
     )
     for service, inst, slot, q in cur.fetchall():
