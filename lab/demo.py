@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import threading
 import time
 from datetime import datetime, timezone
@@ -118,7 +119,10 @@ def report(base_url: str, results: list[Any], out: TextIO, dashboard: bool = Fal
                 if top and top.get("recommendation"):
                     rec = top["recommendation"]
                     text = rec if isinstance(rec, str) else rec.get("text") or rec.get("summary") or str(rec)
-                    print(f"             fix: {text[:200]}", file=out)
+                    wrapped = textwrap.wrap(text, width=100) or [""]
+                    print(f"             fix: {wrapped[0]}", file=out)
+                    for line in wrapped[1:]:
+                        print(f"                  {line}", file=out)
                 if dashboard and inc.get("id"):
                     print(f"             {base_url}/dashboard/incident/{inc['id']}", file=out)
     return found_all
