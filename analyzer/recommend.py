@@ -25,16 +25,23 @@ BUCKET_CHOICES = (4, 8, 16)
 
 
 def _lengths(con: duckdb.DuckDBPyConnection, service: str, start: datetime, end: datetime) -> tuple[list[int], list[int], dict]:
+    """Computed lengths (prompt minus prefix-cache hits: what the kernels pad) and today's padding.
+
+    ``tailscope.shape.len`` is the length the kernels ran with, so it is compared
+    with the tokens actually computed, not the whole prompt: with a prefix cache
+    the padded shape can be shorter than the prompt.
+    """
+    computed = "greatest(input_tokens - coalesce(kv_cached_tokens, 0), 1)"
     rows = con.execute(
-        f"""SELECT input_tokens AS len, count(*) FROM spans
+        f"""SELECT {computed} AS len, count(*) FROM spans
             WHERE {REQUEST_PREDICATE} AND service_name = ? AND start_time >= ? AND start_time < ? AND input_tokens > 0
             GROUP BY 1 ORDER BY 1""",
         [service, start, end],
     ).fetchall()
     cur = con.execute(
-        f"""SELECT sum(input_tokens), sum(shape_len), count(DISTINCT shape_len) FROM spans
+        f"""SELECT sum({computed}), sum(shape_len), count(DISTINCT shape_len) FROM spans
             WHERE {REQUEST_PREDICATE} AND service_name = ? AND start_time >= ? AND start_time < ?
-              AND shape_len IS NOT NULL AND input_tokens IS NOT NULL""",
+              AND shape_len IS NOT NULL AND input_tokens > 0""",
         [service, start, end],
     ).fetchall()[0]
     return [int(r[0]) for r in rows], [int(r[1]) for r in rows], {"real": cur[0], "padded": cur[1], "shapes": cur[2]}
@@ -62,6 +69,8 @@ def compile_miss(con: duckdb.DuckDBPyConnection, service: str, start: datetime, 
         if len(bounds) < k:
             break
     current_pad = (now["padded"] / now["real"] - 1.0) if now.get("real") else None
+    if current_pad is not None and current_pad < 0:
+        current_pad = None  # shapes shorter than the computed tokens: shape.len means something else here
     best = options[1] if len(options) > 1 else (options[0] if options else None)
     if best:
         summary = (

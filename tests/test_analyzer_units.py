@@ -132,3 +132,32 @@ def test_interval_helpers_and_reasons() -> None:
 def test_two_proportion_p_value() -> None:
     assert _p_value(50, 100, 100, 1000) < 1e-6
     assert _p_value(10, 100, 100, 1000) > 0.5
+
+
+def test_padding_is_measured_against_computed_tokens_not_cached_prompt(tmp_path):
+    """With a prefix cache the kernels run only the uncached part: padding compares shape.len with that."""
+    import datetime as _dt
+
+    import pyarrow as _pa
+
+    from analyzer import recommend
+    from collector.store import Store
+
+    t0 = _dt.datetime(2026, 11, 23, 14)
+    n = 40
+    with Store(tmp_path / "pad.duckdb") as store:
+        store.write([("spans", _pa.table({
+            "trace_id": [f"{i:032x}" for i in range(n)],
+            "span_id": [f"{i:016x}" for i in range(n)],
+            "start_time": [t0 + _dt.timedelta(seconds=i) for i in range(n)],
+            "end_time": [t0 + _dt.timedelta(seconds=i, milliseconds=300) for i in range(n)],
+            "kind": ["SERVER"] * n,
+            "service_name": ["chat-api"] * n,
+            "role": ["request"] * n,
+            "input_tokens": [100] * n,
+            "kv_cached_tokens": [60] * n,
+            "shape_len": [64] * n,
+        }))])
+        out = recommend.compile_miss(store.cursor(), "chat-api", t0, t0 + _dt.timedelta(minutes=5), [])
+    # 40 computed tokens padded to 64: 60 % overhead (the whole prompt would say -36 %)
+    assert out["current_padding_overhead"] == 0.6
