@@ -29,23 +29,13 @@ from typing import Any
 
 from analyzer.evidence import THROTTLE_BITS, Evidence
 from analyzer.timeutil import from_unix, iso
+from tailscope.causes import CAUSES  # noqa: F401  (re-exported: the analyzer's vocabulary)
 
 POOLS = ("queue", "prefill", "decode", "provider_call", "model_load", "compile")
 COMPUTE = ("prefill", "decode")
 WARM_UP_S = 60.0
 BACKLOG_FACTOR = 4.0  # a stall's backlog drains within a few stall-lengths at ρ ≲ 0.8
 FOREIGN_PRESENCE_MAX = 0.6  # a process present most of the time is part of normal
-CAUSES = (
-    "compile_miss",
-    "kv_eviction",
-    "batch_contention",
-    "queue_saturation",
-    "provider_load",
-    "gpu_throttle",
-    "gpu_contention",
-    "cold_start",
-    "unknown",
-)
 _FLAT = {"queue": "time_in_queue_s", "prefill": "prefill_s", "decode": "decode_s"}
 
 

@@ -28,17 +28,8 @@ from lab.loadgen import (
 )
 from lab.provider import Provider
 from lab.sim import ReplicaSpec, Request, Window
+from tailscope.causes import INJECTABLE_CAUSES as CAUSES
 
-CAUSES = (
-    "compile_miss",
-    "kv_eviction",
-    "batch_contention",
-    "queue_saturation",
-    "provider_load",
-    "gpu_throttle",
-    "gpu_contention",
-    "cold_start",
-)
 
 SYSTEM_BLOCKS = 4  # a shared system prompt: 4 blocks of 16 tokens every chat request starts with
 

@@ -22,22 +22,10 @@ from analyzer.alerts.db import default_url, open_engine, redact_url, session_fac
 from analyzer.alerts.delivery import Sender, WebhookRefused, redact, validate_url
 from analyzer.alerts.evaluator import Evaluator, IncidentSource
 from analyzer.alerts.models import ALERT_STATES, DELIVERY_STATUSES, FORMATS, Alert, Delivery, Rule, Silence, Webhook, rfc3339, utcnow
+from tailscope.causes import CAUSES  # rules and silences may name only these
 from tailscope.errors import BadRequest, NotFound
 
 log = logging.getLogger("tailscope.alerts")
-
-CAUSES = (
-    "compile_miss",
-    "kv_eviction",
-    "batch_contention",
-    "queue_saturation",
-    "provider_load",
-    "gpu_throttle",
-    "gpu_contention",
-    "cold_start",
-    "unknown",
-)
-"""The analyzer's cause vocabulary (TELEMETRY.md section 9); rules and silences may name only these."""
 
 
 def webhook_view(hook: Webhook) -> dict[str, Any]:
