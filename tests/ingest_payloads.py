@@ -29,6 +29,30 @@ def kv(key: str, value: object) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(string_value=str(value)))
 
 
+def set_any_value(value: AnyValue, v: object) -> None:
+    """Fill an OTLP ``AnyValue`` from a Python value (scalars, bytes, nested lists and dicts)."""
+    if isinstance(v, bool):
+        value.bool_value = v
+    elif isinstance(v, int):
+        value.int_value = v
+    elif isinstance(v, float):
+        value.double_value = v
+    elif isinstance(v, str):
+        value.string_value = v
+    elif isinstance(v, bytes):
+        value.bytes_value = v
+    elif isinstance(v, list):
+        value.array_value.SetInParent()
+        for x in v:
+            set_any_value(value.array_value.values.add(), x)
+    elif isinstance(v, dict):
+        value.kvlist_value.SetInParent()
+        for k, x in v.items():
+            set_any_value(value.kvlist_value.values.add(key=k).value, x)
+    elif v is not None:
+        raise TypeError(v)
+
+
 def unique_span_id() -> bytes:
     """8 bytes: a per-process prefix and a counter, never zero, never repeated in a run."""
     return (os.getpid() & 0xFFFF).to_bytes(2, "big") + next(_counter).to_bytes(6, "big")

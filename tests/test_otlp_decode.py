@@ -24,34 +24,14 @@ from collector.otlp import PROTOBUF, JSON, UnsupportedMediaType, decode, decode_
 from collector.otlp_json import to_otlp_json
 from tailscope.errors import BadPayload, PayloadTooLarge
 
+from ingest_payloads import set_any_value
+
 T0 = 1_763_900_000_000_000_000  # 2025-11-23, ns
 TID = bytes.fromhex("5b8efff798038103d269b633813fc60c")
 SID = bytes.fromhex("eee19b7ec3c1b174")
 
 
-def _set(value: AnyValue, v: Any) -> None:
-    if isinstance(v, bool):
-        value.bool_value = v
-    elif isinstance(v, int):
-        value.int_value = v
-    elif isinstance(v, float):
-        value.double_value = v
-    elif isinstance(v, str):
-        value.string_value = v
-    elif isinstance(v, bytes):
-        value.bytes_value = v
-    elif isinstance(v, list):
-        value.array_value.SetInParent()
-        for x in v:
-            _set(value.array_value.values.add(), x)
-    elif isinstance(v, dict):
-        value.kvlist_value.SetInParent()
-        for k, x in v.items():
-            _set(value.kvlist_value.values.add(key=k).value, x)
-    elif v is None:
-        pass
-    else:
-        raise TypeError(v)
+_set = set_any_value
 
 
 def add_attrs(target: Any, attrs: dict[str, Any]) -> None:

@@ -30,6 +30,8 @@ from collector.otlp import JSON, PROTOBUF, RESOURCE_LIFTER, SPAN_LIFTER, decode,
 from collector.otlp_json import to_otlp_json
 from tailscope.errors import BadPayload, PayloadTooLarge
 
+from ingest_payloads import set_any_value
+
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -247,25 +249,7 @@ attr_value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st
 attr_key = st.sampled_from(KNOWN_KEYS) | st.text(max_size=20) | st.text(min_size=120, max_size=140)
 
 
-def _set(value: AnyValue, v: Any) -> None:
-    if isinstance(v, bool):
-        value.bool_value = v
-    elif isinstance(v, int):
-        value.int_value = v
-    elif isinstance(v, float):
-        value.double_value = v
-    elif isinstance(v, str):
-        value.string_value = v
-    elif isinstance(v, bytes):
-        value.bytes_value = v
-    elif isinstance(v, list):
-        value.array_value.SetInParent()
-        for x in v:
-            _set(value.array_value.values.add(), x)
-    elif isinstance(v, dict):
-        value.kvlist_value.SetInParent()
-        for k, x in v.items():
-            _set(value.kvlist_value.values.add(key=k).value, x)
+_set = set_any_value
 
 
 def expected_json(v: Any) -> Any:
