@@ -9,6 +9,7 @@ prints and exits; otherwise the server keeps serving until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 import threading
@@ -53,6 +54,9 @@ def _scenarios(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+_SERVED = re.compile(r"(\d+)/(\d+) requests served")
+
+
 class _Progress:
     """One status line on a terminal (rewritten in place), plain lines otherwise."""
 
@@ -69,8 +73,10 @@ class _Progress:
                 self.out.write("\n")
             return
         now = time.monotonic()
-        if "served" in msg and now - self.last < 5.0:
-            return
+        done = _SERVED.search(msg)
+        final = done is not None and done.group(1) == done.group(2)
+        if done and not final and now - self.last < 5.0:
+            return  # throttle the running count; a replica's last count is always shown
         self.last = now
         print(msg, file=self.out, flush=True)
 

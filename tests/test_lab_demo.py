@@ -102,3 +102,15 @@ def test_demo_keeps_serving_the_dashboard_until_ctrl_c(tmp_path: Path) -> None:
             proc.wait(timeout=10)
     reader.join(timeout=5)
     assert "stopping" in "".join(lines)
+
+
+def test_progress_throttles_running_counts_but_always_shows_the_last() -> None:
+    import io
+
+    out = io.StringIO()
+    progress = demo._Progress(out)
+    progress("[1/1] compile_miss: 3161 requests")
+    progress("[1/1] compile_miss: replica-0: 10/1580 requests served")
+    progress("[1/1] compile_miss: replica-0: 1580/1580 requests served")
+    lines = out.getvalue().splitlines()
+    assert lines == ["[1/1] compile_miss: 3161 requests", "[1/1] compile_miss: replica-0: 1580/1580 requests served"]
