@@ -41,7 +41,7 @@ def export_parquet(
                 raise ValueError(f"unknown table {table!r}; known: {', '.join(EXPORT_TABLES)}")
             where, params = _range_filter(table, start, end)
             # Stream record batches so a large range never sits whole in memory.
-            reader = cur.execute(f"SELECT * FROM {table}{where}", params).to_arrow_reader(100_000)
+            reader = cur.sql(f"SELECT * FROM {table}{where}", params=params).to_arrow_reader(100_000)
             rows = 0
             with pq.ParquetWriter(out / f"{table}.parquet", reader.schema, compression="zstd") as writer:
                 for batch in reader:
