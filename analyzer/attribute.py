@@ -35,6 +35,7 @@ POOLS = ("queue", "prefill", "decode", "provider_call", "model_load", "compile")
 COMPUTE = ("prefill", "decode")
 WARM_UP_S = 60.0
 BACKLOG_FACTOR = 4.0  # a stall's backlog drains within a few stall-lengths at ρ ≲ 0.8
+KV_BACKLOG_S = 60.0  # a KV squeeze that ended this long before a request (plus its queue time) still queues it
 FOREIGN_PRESENCE_MAX = 0.6  # a process present most of the time is part of normal
 _FLAT = {"queue": "time_in_queue_s", "prefill": "prefill_s", "decode": "decode_s"}
 
@@ -173,6 +174,17 @@ def _compile_row(c: dict, overlap_ms: float, via: str) -> dict:
     }
 
 
+def _recompute_compile_row(ev: Evidence) -> Any:
+    """Evidence for a compile caused by an eviction: eviction record → recompute → compile."""
+
+    def row(c: dict, overlap_ms: float, via: str) -> dict:
+        chain = ev.recompute_compile[c["span_id"]]
+        return {**_compile_row(c, overlap_ms, via), "kind": "recompute_compile", "batch_id": chain.get("batch_id"),
+                "batch_span_id": chain.get("batch_span_id"), **_chain(chain)}
+
+    return row
+
+
 def _load_row(c: dict, overlap_ms: float, via: str) -> dict:
     return {
         "kind": "model_load" if c.get("role") == "model_load" else "replica_ready",
@@ -218,7 +230,11 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
         loads.append({"span_id": None, "role": "replica.started_at", "instance": inst, "a": t0, "b": float(started),
                       "duration_ms": (float(started) - t0) * 1000.0})
     stall_sets.append(("cold_start", loads, _load_row))
-    stall_sets.append(("compile_miss", list(compiles.values()), _compile_row))
+    # A compile whose shape only a recompute after an eviction created is the
+    # eviction's doing (no eviction, no recompute, no new shape): kv_eviction.
+    recompute = {k: c for k, c in compiles.items() if k in ev.recompute_compile}
+    stall_sets.append(("kv_eviction", [c for k, c in compiles.items() if k in recompute], _recompute_compile_row(ev)))
+    stall_sets.append(("compile_miss", [c for k, c in compiles.items() if k not in recompute], _compile_row))
     for cause, stalls, row_fn in stall_sets:
         hits = [(max(s["a"], t0), min(s["b"], t1), s) for s in stalls if _overlap(s["a"], s["b"], t0, t1) > 0]
         if not hits:
@@ -263,14 +279,22 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             rows.append({"kind": "preemptions", "kv_preemptions": preempt})
         led.claim_pools("kv_eviction", ("prefill", "decode", "queue") + other, math.inf, rows)
     else:
-        near = [e for e in (ev.evict_instance.get(inst, []) if inst else []) if t0 - 30 <= e["t"] <= t1]
-        pressure = [e for e in near if e.get("kv_reason") != "prefix_lru" and e.get("victim") != req["trace_id"]]
-        expected = ev.evict_ref.get(inst or "", 0.0) * (t1 - t0 + 30)
-        if len(pressure) >= 3 and len(pressure) >= 3 * expected:
+        rate = ev.evict_ref.get(inst or "", 0.0)
+        pressure = _kv_pressure(ev, inst, req["trace_id"], t0 - 30, t1)
+        if pressure:
             # The cache is full: new requests wait for blocks, running ones recompute.
-            rows = [dict(_evict_row(e), normal_rate_per_s=_r(ev.evict_ref.get(inst or "", 0.0), 4)) for e in pressure[:5]]
+            rows = [dict(_evict_row(e), normal_rate_per_s=_r(rate, 4)) for e in pressure[:5]]
             led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
             led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, rows)
+        elif comp["queue"] and led.pools["queue"] > 0:
+            # The squeeze ended shortly before the request: the queue it built (fewer
+            # sequences fit, recomputes) still drains in front of it, on this replica only.
+            q_s = comp["queue"] / 1000.0
+            before = _kv_pressure(ev, inst, req["trace_id"], t0 - KV_BACKLOG_S - q_s, t0)
+            if before:
+                rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=len(before),
+                             gap_before_request_ms=_r((t0 - before[-1]["t"]) * 1000.0), via="backlog")]
+                led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
         lost = _prefix_lost(req, ev.session_prev.get((req["trace_id"], req["span_id"])))
         if lost:
             led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, [lost])
@@ -293,9 +317,9 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
     ref_b = ev.batch_ref.get(req.get("service"))
     batch = ev.batch_of.get(key)
     if batch:
-        _batch(led, req, batch, ref_b, compute_pools, compute_ms)
+        _batch(led, req, batch, ref_b, compute_pools, compute_ms, ev.recompute_batch.get(batch.get("b_span") or ""))
     if led.pools["queue"] > 0 and inst:
-        _queued_behind(led, req, ev.batches_on.get(inst, []), ref_b, stages, comp)
+        _queued_behind(led, req, ev.batches_on.get(inst, []), ref_b, stages, comp, ev.recompute_batch)
 
     # --- 6. the upstream provider ---------------------------------------------
     if led.pools["provider_call"] > 0:
@@ -346,6 +370,16 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
         },
         "causes": causes,
     }
+
+
+def _kv_pressure(ev: Evidence, inst: str | None, trace_id: str, a: float, b: float) -> list[dict]:
+    """Capacity/preemption evictions of others on ``inst`` in [a, b] when they run at ≥ 3× its normal rate."""
+    if not inst:
+        return []
+    got = [e for e in ev.evict_instance.get(inst, []) if a <= e["t"] <= b
+           and e.get("kv_reason") != "prefix_lru" and e.get("victim") != trace_id]
+    expected = ev.evict_ref.get(inst, 0.0) * (b - a)
+    return got if len(got) >= 3 and len(got) >= 3 * expected else []
 
 
 def _evict_row(e: dict) -> dict:
@@ -446,8 +480,22 @@ def _batch_row(req: dict, b: dict, ref: dict | None) -> dict:
             "normal_output_spread": _r((ref or {}).get("out_spread_p50"), 2)}
 
 
-def _batch(led: Ledger, req: dict, b: dict, ref: dict | None, compute_pools: tuple[str, ...], compute_ms: float) -> None:
-    """Head-of-line blocking inside its own batch: longer inputs (padding) or longer generations."""
+def _chain(chain: dict) -> dict:
+    """The eviction → recompute part of an evidence row (see ``evidence._recompute_batches``)."""
+    return {"recomputed_trace_id": chain.get("recomputed_trace_id"), "recomputed_input_tokens": chain.get("recomputed_input_tokens"),
+            "batch_max_len": chain.get("batch_max_len"), "longest_member_input_tokens": chain.get("longest_member_input_tokens"),
+            "kv_preemptions": chain.get("kv_preemptions"),
+            "evicted_at": iso(from_unix(chain["evicted_at"])) if chain.get("evicted_at") is not None else None,
+            "eviction_reason": chain.get("eviction_reason")}
+
+
+def _batch(led: Ledger, req: dict, b: dict, ref: dict | None, compute_pools: tuple[str, ...], compute_ms: float,
+           recompute: dict | None = None) -> None:
+    """Head-of-line blocking inside its own batch: longer inputs (padding) or longer generations.
+
+    When the batch's longest length is a member being recomputed after an
+    eviction (``recompute``), the extra length and padding are the eviction's.
+    """
     row = _batch_row(req, b, ref)
     hol, pad, out_hol = row["hol_ratio"] or 1.0, row["padding_ratio"] or 1.0, row["output_hol_ratio"] or 1.0
     pad_ref = (ref or {}).get("pad_p50") or 1.0
@@ -462,11 +510,22 @@ def _batch(led: Ledger, req: dict, b: dict, ref: dict | None, compute_pools: tup
         led.claim_pools("batch_contention", decode_pool, math.inf, [dict(row, via="longest_generation")])
     if abnormal_hol or abnormal_pad:
         frac = max(1.0 - 1.0 / hol if hol > 1 else 0.0, 1.0 - 1.0 / pad if pad > 1 else 0.0)
-        led.claim_pools("batch_contention", compute_pools, compute_ms * frac, [dict(row, via="head_of_line" if abnormal_hol else "padding")])
+        via = "head_of_line" if abnormal_hol else "padding"
+        if recompute:
+            led.claim_pools("kv_eviction", compute_pools, compute_ms * frac,
+                            [dict(row, **_chain(recompute), kind="recompute_batch", via=via)])
+        else:
+            led.claim_pools("batch_contention", compute_pools, compute_ms * frac, [dict(row, via=via)])
 
 
-def _queued_behind(led: Ledger, req: dict, batches: list[dict], ref: dict | None, stages: dict, comp: dict) -> None:
-    """The request queued while an abnormally long batch held its replica."""
+def _queued_behind(led: Ledger, req: dict, batches: list[dict], ref: dict | None, stages: dict, comp: dict,
+                   recompute: dict[str, dict] | None = None) -> None:
+    """The request queued while an abnormally long batch held its replica.
+
+    A batch long because it recomputes an evicted request (``recompute``, by
+    batch span id) holds the replica for the eviction: that wait is ``kv_eviction``.
+    """
+    recompute = recompute or {}
     normal = (ref or {}).get("duration_p50")
     if not normal or not batches:
         return
@@ -478,12 +537,18 @@ def _queued_behind(led: Ledger, req: dict, batches: list[dict], ref: dict | None
     long_ones = [b for b in batches if (b.get("duration_ms") or 0) > 3.0 * normal and _overlap(b["a"], b["b"], qa, qb) > 0]
     if not long_ones:
         return
-    worst = max(long_ones, key=lambda b: b["duration_ms"])
-    overlap_ms = sum(_overlap(b["a"], b["b"], qa, qb) for b in long_ones) * 1000.0
-    led.claim_pools("batch_contention", ("queue",), overlap_ms,
-                    [{"kind": "batch_ahead", "batch_id": worst.get("batch_id"), "batch_span_id": worst.get("b_span"),
-                      "duration_ms": _r(worst.get("duration_ms")), "normal_duration_ms": _r(normal),
-                      "size": worst.get("batch_size"), "max_len": worst.get("batch_max_len"), "via": "queued_behind"}])
+    for cause, group in (("kv_eviction", [b for b in long_ones if b.get("b_span") in recompute]),
+                         ("batch_contention", [b for b in long_ones if b.get("b_span") not in recompute])):
+        if not group:
+            continue
+        worst = max(group, key=lambda b: b["duration_ms"])
+        overlap_ms = sum(_overlap(b["a"], b["b"], qa, qb) for b in group) * 1000.0
+        row = {"kind": "batch_ahead", "batch_id": worst.get("batch_id"), "batch_span_id": worst.get("b_span"),
+               "duration_ms": _r(worst.get("duration_ms")), "normal_duration_ms": _r(normal),
+               "size": worst.get("batch_size"), "max_len": worst.get("batch_max_len"), "via": "queued_behind"}
+        if cause == "kv_eviction":
+            row.update(_chain(recompute[worst["b_span"]]), kind="recompute_batch_ahead")
+        led.claim_pools(cause, ("queue",), overlap_ms, [row])
 
 
 def _batch_wait(led: Ledger, b: dict, ref: dict | None, has_compute: bool) -> None:

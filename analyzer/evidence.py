@@ -47,6 +47,10 @@ class Evidence:
     children: dict[tuple[str, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
     compiles: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
     loads: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by instance
+    # batch span id -> the recompute after an eviction that set its length (see ``_recompute_batches``),
+    # and compile span id -> the same, for compiles under such a batch
+    recompute_batch: dict[str, dict] = field(default_factory=dict)
+    recompute_compile: dict[str, dict] = field(default_factory=dict)
     evict_victim: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # by trace
     evict_instance: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
     session_prev: dict[tuple[str, str], dict] = field(default_factory=dict)
@@ -138,6 +142,7 @@ def gather(
         _eviction_rates(con, ev, ref_start, ref_end)
         _sessions(con, ev, lo, hi)
         _batches(con, ev, lo, hi, ref_start, ref_end)
+        _recompute_batches(con, ev, lo, hi)
         _gpu(con, ev, lo, hi, ref_start)
         _providers(con, ev, hi)
         _rates(con, ev, ref_start, hi, step_s)
@@ -209,10 +214,10 @@ def _stalls(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: date
 
 def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
     cur = con.execute(
-        """SELECT epoch(time) AS t, service_instance_id AS instance, lower(kv_victim_trace_id) AS victim,
+        f"""SELECT epoch(time) AS t, service_instance_id AS instance, lower(kv_victim_trace_id) AS victim,
                 kv_reason, kv_blocks, kv_usage, trace_id
            FROM logs WHERE event_name = 'tailscope.kv.eviction'
-             AND time >= ? - INTERVAL 1 MINUTE AND time <= ? + INTERVAL 1 MINUTE
+             AND time >= ? - INTERVAL {int(STALL_LOOKBACK_S)} SECOND AND time <= ? + INTERVAL 1 MINUTE
              AND (lower(kv_victim_trace_id) IN (SELECT trace_id FROM _slow)
                   OR trace_id IN (SELECT trace_id FROM _slow)
                   OR service_instance_id IN (SELECT DISTINCT instance FROM _slow))
@@ -227,6 +232,93 @@ def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: d
             ev.evict_victim[row["trace_id"]].append(row)
         if row["instance"]:
             ev.evict_instance[row["instance"]].append(row)
+
+
+def _recompute_batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    """Batches whose length exists only because a member is being recomputed after an eviction.
+
+    A preempted (or evicted) request comes back with its prompt *plus* the
+    tokens it had generated, so the batch that recomputes it can be longer than
+    any fresh request would make it: a new padded shape (which recompiles), more
+    padding for its other members, a longer batch that holds the replica while
+    others queue. All of that is a consequence of the eviction, not of the
+    service's shape or batching policy: no eviction, no recompute. The chain is
+    read from telemetry only: the batch span (``batch_max_len``), its members
+    (span links), members with ``kv_preemptions > 0`` or named by an eviction
+    record before the batch started. The batch counts as a recompute's when
+    its longest length exceeds every member's own input length: that length
+    carries generated tokens, so it is a recompute's, and it set the shape.
+
+    Looked at: the parent batches of compile spans, the slow requests' own
+    batches, and the abnormally long batches they may have queued behind.
+    """
+    compile_parent = {c["span_id"]: (c["trace_id"], c["parent_span_id"]) for rows in ev.compiles.values() for c in rows
+                      if c.get("parent_span_id") and c.get("trace_id")}
+    cand = set(compile_parent.values())
+    cand |= {(b["b_trace"], b["b_span"]) for b in ev.batch_of.values() if b.get("b_trace") and b.get("b_span")}
+    normals = [r.get("duration_p50") for r in ev.batch_ref.values() if r.get("duration_p50")]
+    if normals:
+        floor_ms = 3.0 * min(normals)
+        cand |= {(b["b_trace"], b["b_span"]) for rows in ev.batches_on.values() for b in rows
+                 if (b.get("duration_ms") or 0) > floor_ms and b.get("b_trace")}
+    if not cand:
+        return
+    pairs = sorted(cand)
+    con.register("_rbat", pa.table({"t": [p[0] for p in pairs], "s": [p[1] for p in pairs]}))
+    try:
+        cur = con.execute(
+            """WITH b AS (
+                  SELECT s.trace_id AS b_trace, s.span_id AS b_span, s.batch_id, s.batch_max_len, s.batch_size,
+                      epoch(s.start_time) AS ba
+                  FROM spans s JOIN _rbat p ON s.trace_id = p.t AND s.span_id = p.s
+                  WHERE s.role = 'batch' AND s.start_time >= ? - INTERVAL 10 MINUTE AND s.start_time <= ?
+                    AND s.batch_max_len IS NOT NULL
+               ),
+               m AS (
+                  SELECT b.b_span, r.trace_id, r.span_id, r.input_tokens, r.output_tokens,
+                      coalesce(r.kv_preemptions, 0) AS preemptions
+                  FROM b JOIN span_links l ON l.trace_id = b.b_trace AND l.span_id = b.b_span
+                  JOIN spans r ON r.span_id = l.linked_span_id AND r.trace_id = l.linked_trace_id
+                  WHERE r.start_time >= ? - INTERVAL 1 HOUR AND r.start_time <= ?
+               ),
+               e AS (
+                  SELECT m.b_span, m.trace_id, max(epoch(g.time)) AS evicted_at, any_value(g.kv_reason) AS reason,
+                      count(*) AS evictions
+                  FROM m JOIN b USING (b_span)
+                  JOIN logs g ON g.event_name = 'tailscope.kv.eviction' AND lower(g.kv_victim_trace_id) = m.trace_id
+                      AND epoch(g.time) <= b.ba
+                  WHERE g.time >= ? - INTERVAL 1 HOUR AND g.time <= ?
+                  GROUP BY ALL
+               )
+               SELECT b.b_span, b.batch_id, b.batch_max_len, b.batch_size,
+                   m.trace_id, m.span_id, m.input_tokens, m.output_tokens, m.preemptions, e.evicted_at, e.reason, e.evictions
+               FROM b JOIN m USING (b_span) LEFT JOIN e USING (b_span, trace_id)""",
+            [lo, hi, lo, hi, lo, hi],
+        )
+        by_batch: dict[str, list[dict]] = defaultdict(list)
+        for row in _rows(cur):
+            by_batch[row["b_span"]].append(row)
+    finally:
+        con.unregister("_rbat")
+    for bspan, members in by_batch.items():
+        max_len = members[0]["batch_max_len"]
+        victims = [m for m in members if (m.get("preemptions") or 0) > 0 or m.get("evictions")]
+        longest_input = max((m.get("input_tokens") or 0) for m in members)
+        if not victims or max_len <= longest_input:
+            continue
+        v = max(victims, key=lambda m: (m.get("input_tokens") or 0) + (m.get("output_tokens") or 0))
+        ev.recompute_batch[bspan] = {
+            "batch_id": members[0].get("batch_id"), "batch_span_id": bspan,
+            "batch_size": members[0].get("batch_size"), "batch_max_len": max_len,
+            "longest_member_input_tokens": longest_input,
+            "recomputed_trace_id": v["trace_id"], "recomputed_span_id": v["span_id"],
+            "recomputed_input_tokens": v.get("input_tokens"), "recomputed_output_tokens": v.get("output_tokens"),
+            "kv_preemptions": v.get("preemptions"), "evicted_at": v.get("evicted_at"), "eviction_reason": v.get("reason"),
+            "recomputed_members": len(victims),
+        }
+    for cid, (_, parent) in compile_parent.items():
+        if parent in ev.recompute_batch:
+            ev.recompute_compile[cid] = ev.recompute_batch[parent]
 
 
 def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
@@ -253,16 +345,28 @@ def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, h
 
 
 def _eviction_rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, ref_end: datetime) -> None:
-    seconds = max((ref_end - ref_start).total_seconds(), 1.0)
+    """Each instance's normal rate of capacity/preemption evictions (per second).
+
+    The reference range may contain the very squeeze being diagnosed, so a
+    plain mean would call it normal: the rate is the mean over the quieter
+    three quarters of its minutes (empty minutes count), which ignores a burst
+    covering up to a quarter of the range but keeps a steady background rate.
+    """
+    minutes = max(int((ref_end - ref_start).total_seconds() // 60), 1)
     cur = con.execute(
-        """SELECT service_instance_id, count(*) FROM logs
+        """SELECT service_instance_id, CAST(floor(epoch(time) / 60) AS BIGINT) AS m, count(*) FROM logs
            WHERE event_name = 'tailscope.kv.eviction' AND coalesce(kv_reason, '') <> 'prefix_lru'
              AND time >= ? AND time < ? AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
            GROUP BY ALL""",
         [ref_start, ref_end],
     )
-    for inst, n in cur.fetchall():
-        ev.evict_ref[inst] = n / seconds
+    per_min: dict[str, list[int]] = defaultdict(list)
+    for inst, _, n in cur.fetchall():
+        per_min[inst].append(int(n))
+    for inst, counts in per_min.items():
+        counts = sorted(counts + [0] * max(0, minutes - len(counts)))
+        quiet = counts[: max(1, (3 * len(counts)) // 4)]
+        ev.evict_ref[inst] = sum(quiet) / len(quiet) / 60.0
 
 
 def _sessions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:

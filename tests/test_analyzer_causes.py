@@ -278,3 +278,77 @@ def test_vllm_flat_spans_queue_saturation(tmp_path: Path) -> None:
                 w.mark([r], "queue_saturation")
     _, incidents, slow = analyse(w, tmp_path, flat=True)
     assert_diagnosis(w, incidents, slow, "queue_saturation")
+
+
+def _recompute_compile(w: World, rep: Replica, at: float, seconds: float) -> Any:
+    """A preempted request comes back with prompt + generated tokens; its recompute batch's new shape recompiles.
+
+    Telemetry as a serving engine leaves it: an eviction record naming the
+    victim (``kv_preemptions = 1`` on its span), a batch span whose
+    ``batch_max_len`` (the victim's prompt plus what it had generated) exceeds
+    every member's own input, and the compile span as that batch's child.
+    """
+    victim = max(w.on(rep, at - 30, at - 5), key=lambda r: r.t)
+    generated = victim.output_tokens // 2 + 64
+    recompute_len = victim.input_tokens + generated
+    w.log(time=at - 3.0, event_name="tailscope.kv.eviction", service_name=victim.service,
+          service_instance_id=rep.instance, host_name=rep.host, kv_blocks=24, kv_reason="preemption",
+          kv_victim_trace_id=victim.trace_id, kv_usage=0.98)
+    victim.preemptions = 1
+    # re-queued until the recompute batch, which first compiles, then prefills the longer sequence
+    victim.queue_ms += max(0.0, (at - victim.end) * 1000.0)
+    victim.prefill_ms += seconds * 1000.0 + 0.04 * recompute_len
+    w.compile_stall(rep, at, seconds, recompute_len)
+    genuine_row = w.spans.pop()  # the same stall, re-parented below under the recompute batch
+    members = [victim] + [r for r in w.on(rep, at, at + seconds) if r.input_tokens < recompute_len][:3]
+    b_trace, b_span = f"{w.seed:08x}{w._n + 1:024x}", w._span_id()
+    w._n += 1
+    lens = [recompute_len] + [m.input_tokens for m in members[1:]]
+    w.spans.append({"trace_id": b_trace, "span_id": b_span, "parent_span_id": None, "name": "batch", "kind": "INTERNAL",
+                    "start_time": w.ts(at), "end_time": w.ts(at + seconds + 0.2), "duration_ms": (seconds + 0.2) * 1000.0,
+                    "service_name": victim.service, "service_instance_id": rep.instance, "host_name": rep.host,
+                    "process_pid": rep.pid, "role": "batch", "batch_id": f"rb{b_span}", "batch_size": len(members),
+                    "batch_max_len": max(lens), "batch_min_len": min(lens), "batch_real_tokens": sum(lens),
+                    "batch_padded_tokens": int(sum(lens) * 1.1), "batch_wait_s": 0.004})
+    for m in members:
+        w.links.append({"trace_id": b_trace, "span_id": b_span, "linked_trace_id": m.trace_id, "linked_span_id": m.span_id})
+    row = dict(genuine_row, trace_id=b_trace, parent_span_id=b_span)
+    w.spans.append(row)
+    for r in w.requests:
+        if getattr(r, "_affected", None) == "compile_miss":
+            r._affected = "kv_eviction"  # type: ignore[attr-defined]
+    w.mark([victim], "kv_eviction")
+    return victim
+
+
+def test_kv_eviction_recompute_compile(tmp_path: Path) -> None:
+    """Eviction → recompute with a longer sequence → a new shape compiles: the compile is the eviction's.
+
+    The same world also has genuine recompiles (new shapes from fresh traffic,
+    no evicted member) on another replica: those stay ``compile_miss``.
+    """
+    w, reps = base_world(11)
+    victims = [_recompute_compile(w, reps[1], A + k * 20, 3.0) for k in range(12)]
+    for k in range(3):
+        w.compile_stall(reps[2], A + 5 + k * 70, 3.0, 900 + k)  # marks its requests compile_miss
+    _, incidents, slow = analyse(w, tmp_path)
+    inc = assert_diagnosis(w, incidents, slow, "kv_eviction")
+    chain = [e for r in slow for c in r["causes"] if c["cause"] == "kv_eviction" for e in c["evidence"]
+             if e["kind"] == "recompute_compile"]
+    assert chain, [e["kind"] for e in inc["causes"][0]["evidence"]]
+    victim_ids = {v.trace_id for v in victims}
+    for e in chain:
+        # the chain: eviction record → recomputed request → its batch → the compile
+        assert e["recomputed_trace_id"] in victim_ids and e["eviction_reason"] == "preemption" and e["evicted_at"]
+        assert e["kv_preemptions"] == 1 and e["batch_max_len"] > e["longest_member_input_tokens"]
+        assert e["span_id"] and e["batch_span_id"] and "size mismatch" in e["reason"]
+    # requests that only queued behind such a compile are the eviction's too
+    backlog = [r for r in slow if w.affected.get(r["trace_id"]) == "kv_eviction"
+               and any(e.get("via") == "backlog" for c in r["causes"] for e in c["evidence"])]
+    assert backlog and all(top_cause(r) == "kv_eviction" for r in backlog)
+    # genuine new shapes (no recomputed member) are still compile misses
+    acc, n = per_request_accuracy(w, slow, "compile_miss")
+    assert n >= 3 and acc >= 0.9, (acc, n, by_cause(slow))
+    genuine = [e for r in slow if w.affected.get(r["trace_id"]) == "compile_miss" for c in r["causes"]
+               if c["cause"] == "compile_miss" for e in c["evidence"]]
+    assert genuine and all(e["kind"] == "compile_span" for e in genuine)
