@@ -106,7 +106,12 @@ def class_baselines(
     rng_sql, rng_params = _spans_filter("start_time", refs)
     total = count_requests(con, services, refs)
     keep = 10_000 if total <= sample else max(1, int(10_000 * sample / total))
-    sample_sql = "TRUE" if keep >= 10_000 else f"hash(span_id) % 10000 < {keep}"
+    # Sampled by trace, not by span: a request's child stage spans share its
+    # trace id, so the same cheap predicate on the stage-span scan drops the
+    # children of unsampled requests before the (trace, parent) join, which
+    # otherwise probes every child span of the reference range.
+    sample_sql = "TRUE" if keep >= 10_000 else f"hash(trace_id) % 10000 < {keep}"
+    kid_sample = "" if keep >= 10_000 else f" AND hash(c.trace_id) % 10000 < {keep}"
     comps = ", ".join(f"median({c}_ms) AS {c}_ms" for c in COMPONENTS) if components else "NULL AS _none"
     selects = []
     for name, keys in _LEVELS:
@@ -128,7 +133,7 @@ def class_baselines(
     kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start, r.end + timedelta(hours=1)) for r in slices])
     slice_sql, slice_params = _spans_filter("start_time", slices)
     kids_cte = (f"kid_req AS (SELECT trace_id, span_id, start_time, end_time FROM ref_req WHERE {slice_sql}),\n"
-                f"    kids AS ({stage_sums_sql('kid_req', 'AND ' + kid_sql)}),") if components else ""
+                f"    kids AS ({stage_sums_sql('kid_req', 'AND ' + kid_sql + kid_sample)}),") if components else ""
     comp_cols = ",\n            " + component_exprs("r", "k") if components else ""
     kids_join = "LEFT JOIN kids k USING (trace_id, span_id)" if components else ""
     sql = f"""
@@ -146,7 +151,9 @@ def class_baselines(
     {' UNION ALL '.join(selects)}
     """
     params = [*rng_params, *svc_params, *ex_params] + (slice_params + kid_params if components else [])
-    return con.sql(sql, params=params).to_arrow_table()
+    table = con.sql(sql, params=params).to_arrow_table()
+    # The unsampled request count rides along as metadata (callers size work by it).
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"requests": str(total).encode()})
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ number of requests (generating 10 M takes minutes).
 empty; the OS page cache may be warm), "warm" = the same call again with the
 analyzer's result cache off (DuckDB buffers hot), "cached" = with the
 analyzer's result cache on (what a dashboard refresh of unchanged data gets).
+With --repeat N every figure is the median of N measurements (each on a
+freshly opened store), the spread is kept under "runs_s".
 """
 
 from __future__ import annotations
@@ -183,9 +185,24 @@ def measure(path: Path) -> dict[str, Any]:
     return results
 
 
+def _median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per timing, the median over repeats (and the raw values); everything else from the first run."""
+    import statistics
+
+    out = dict(reps[0])
+    for key, val in reps[0].items():
+        if isinstance(val, dict):
+            out[key] = {k: statistics.median(r[key][k] for r in reps) for k in val}
+            out[key]["runs_s"] = {k: [r[key][k] for r in reps] for k in val}
+        elif key.endswith("_s") and isinstance(val, (int, float)):
+            out[key] = statistics.median(r[key] for r in reps if key in r)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,3000000,10000000")
+    parser.add_argument("--repeat", type=int, default=1, help="measure N times, report medians")
     parser.add_argument("--dir", default=os.environ.get("TMPDIR", "/tmp") + "/tailscope-bench")
     args = parser.parse_args()
     out: dict[str, Any] = {"benchmark": "analyze", "threads": os.cpu_count(), "runs": []}
@@ -199,7 +216,8 @@ def main() -> int:
             run.update(generate(path, n))
         else:
             run["reused"] = True
-        run.update(measure(path))
+        reps = [measure(path) for _ in range(max(1, args.repeat))]
+        run.update(_median_of(reps))
         out["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))
