@@ -352,3 +352,37 @@ def test_kv_eviction_recompute_compile(tmp_path: Path) -> None:
     genuine = [e for r in slow if w.affected.get(r["trace_id"]) == "compile_miss" for c in r["causes"]
                if c["cause"] == "compile_miss" for e in c["evidence"]]
     assert genuine and all(e["kind"] == "compile_span" for e in genuine)
+
+
+def test_kv_squeeze_backlog(tmp_path: Path) -> None:
+    """A KV squeeze on one replica: requests arriving after it ended still queue in the backlog it left.
+
+    Capacity evictions run at 2/s on replica-1 during the window (none
+    before): requests there wait for blocks, and those arriving up to a minute
+    after it ended wait behind them. Those late ones saw no eviction while they
+    ran; the squeeze just before them is their cause (not the long batches or
+    saturation their queue would otherwise suggest).
+    """
+    w, reps = base_world(12)
+    rep = reps[1]
+    rng = np.random.default_rng(7)
+    for k in range(int((B - A) * 2)):
+        w.log(time=A + k / 2, event_name="tailscope.kv.eviction", service_name="chat-api", service_instance_id=rep.instance,
+              host_name=rep.host, kv_blocks=8, kv_reason="capacity", kv_usage=0.99)
+    for r in w.on(rep, A, B + 60):
+        if r.t < B:
+            r.queue_ms += float(rng.uniform(2000, 6000))
+            r.prefill_ms *= 2
+        else:
+            r.queue_ms += 8000.0 * (1 - (r.t - B) / 60)
+        w.mark([r], "kv_eviction")
+    _, incidents, slow = analyse(w, tmp_path)
+    assert_diagnosis(w, incidents, slow, "kv_eviction")
+    late = [r for r in slow if w.affected.get(r["trace_id"]) == "kv_eviction" and r["start"] >= iso_at(B + 30)]
+    assert len(late) >= 5, by_cause(slow)
+    assert all(top_cause(r) == "kv_eviction" for r in late), [r["causes"] for r in late if top_cause(r) != "kv_eviction"][:2]
+    assert all(any(e.get("via") == "backlog" for c in r["causes"] for e in c["evidence"]) for r in late)
+
+
+def iso_at(seconds: float) -> str:
+    return World.ts(seconds).strftime("%Y-%m-%dT%H:%M:%S")
