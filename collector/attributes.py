@@ -292,6 +292,9 @@ def json_attrs(kvs: Any, limit: int, trunc: Counter, what: str = "attributes") -
 # ------------------------------------------------------------- protobuf KeyValue bytes
 
 
+_U64 = (1 << 64) - 1
+
+
 def _varint(b: bytes, i: int) -> tuple[int, int]:
     x = shift = 0
     while True:
@@ -299,7 +302,7 @@ def _varint(b: bytes, i: int) -> tuple[int, int]:
         i += 1
         x |= (c & 0x7F) << shift
         if c < 0x80:
-            return x, i
+            return x & _U64, i  # bits past 64 of a 10-byte varint are dropped, as protobuf does
         shift += 7
         if shift > 63:
             raise IndexError("varint too long")
@@ -384,7 +387,10 @@ def coerce(value: Any, kind: str, sql_type: str) -> Any:
         elif t is float and value.is_integer():
             x = int(value)
         elif t is str and value.strip().lstrip("+-").isdigit():
-            x = int(value)
+            try:
+                x = int(value)
+            except ValueError:  # "+-5", "²": digits to isdigit(), not to int()
+                return None
         else:
             return None
         lo, hi = (_INT32_MIN, _INT32_MAX) if sql_type == "INTEGER" else (_INT64_MIN, _INT64_MAX)

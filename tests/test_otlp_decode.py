@@ -673,3 +673,25 @@ def test_bad_compression(body: bytes, enc: str) -> None:
 
 def test_warm_up_decodes_every_signal_without_error() -> None:
     otlp.warm_up()  # used by decode workers at start; must never raise
+
+
+def test_numeric_looking_strings_that_int_refuses_stay_in_json() -> None:
+    # "²" and "+-5" pass str.isdigit() after stripping signs, yet int() refuses them
+    req = trace_request([{"attrs": {"gen_ai.usage.input_tokens": "²", "tailscope.shape.len": "+-5",
+                                    "tailscope.batch.size": "١٢"}}])
+    d, _ = both("traces", req)
+    (span,) = rows(d, "spans")
+    assert (span["input_tokens"], span["shape_len"], span["batch_size"]) == (None, None, 12)
+    assert json.loads(span["attributes"]) == {"gen_ai.usage.input_tokens": "²", "tailscope.shape.len": "+-5",
+                                              "tailscope.batch.size": "١٢"}
+
+
+def test_ten_byte_varint_keeps_its_low_64_bits_whatever_the_key_length() -> None:
+    # the last byte of a 10-byte varint carries bits past 64: protobuf drops them
+    for key in (b"k", b"k" * 200):
+        value = b"\x18" + bytes([0xFF] * 9 + [0x7F])
+        blob = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(value)) + value
+        fast = otlp._REQUEST["traces"].FromString(trace_request([{}]).SerializeToString())
+        fast.resource_spans[0].scope_spans[0].spans[0].attributes.append(blob)
+        d = decode("traces", fast.SerializeToString(), PROTOBUF)
+        assert json.loads(rows(d, "spans")[0]["attributes"]) == {key.decode(): -1}
