@@ -157,7 +157,11 @@ class Sender:
         self._thread: threading.Thread | None = None
         self._pending: list[Any] = []
         self._pending_since = 0.0
-        self._busy = threading.Lock()
+        # flush() asks through _flush_now and the sender thread answers through
+        # _flushed once it sees nothing in memory and nothing spooled: the
+        # thread alone reads its own state, so no lock is polled (polling a lock
+        # this thread re-takes at once starved flush() for minutes).
+        self._flushed = threading.Event()
         self._start_ns = time.time_ns()
 
     def _headers(self) -> dict[str, str]:
@@ -309,16 +313,18 @@ class Sender:
             if len(self.spool):
                 waits.append(self._next_try - now)
             try:
-                with self._busy:
-                    self._gather(0.0 if stopping or self._flush_now.is_set() else min(waits))
-                    due = self._pending and (len(self._pending) >= self.batch_max or self._flush_now.is_set()
-                                             or stopping or time.monotonic() - self._pending_since >= self.flush_interval)
-                    if due:
-                        self._spool_pending()
-                    if len(self.spool) and time.monotonic() >= self._next_try:
-                        self.drain(budget_s=2.0)
-                    if self._flush_now.is_set() and not self._pending and self.items.qsize() == 0:
-                        self._flush_now.clear()
+                flushing = self._flush_now.is_set()
+                in_memory = bool(self._pending) or self.items.qsize() > 0
+                self._gather(0.0 if stopping or (flushing and in_memory) else min(waits))
+                due = self._pending and (len(self._pending) >= self.batch_max or flushing
+                                         or stopping or time.monotonic() - self._pending_since >= self.flush_interval)
+                if due:
+                    self._spool_pending()
+                if len(self.spool) and time.monotonic() >= self._next_try:
+                    self.drain(budget_s=2.0)
+                if flushing and not self._pending and self.items.qsize() == 0 and not len(self.spool):
+                    self._flush_now.clear()
+                    self._flushed.set()
             except Exception:  # noqa: BLE001 - the sender must survive a bad batch or a full disk
                 log.exception("sender iteration failed")
                 self._stop.wait(1.0)
@@ -335,15 +341,18 @@ class Sender:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Spool what is queued now and wait until the spool is empty; ``True`` when it got there in time."""
-        end = time.monotonic() + timeout
+        if self._thread is None or not self._thread.is_alive():  # no thread to ask: do it here
+            while self.items.qsize():
+                self._gather(0.0)
+            self._spool_pending()
+            end = time.monotonic() + timeout
+            while len(self.spool) and time.monotonic() < end:
+                time.sleep(max(0.0, min(self._next_try - time.monotonic(), end - time.monotonic())))
+                self.drain(budget_s=max(0.0, end - time.monotonic()))
+            return not len(self.spool)
+        self._flushed.clear()
         self._flush_now.set()
-        while time.monotonic() < end:
-            with self._busy:
-                done = not self._pending and self.items.qsize() == 0 and not len(self.spool)
-            if done:
-                return True
-            time.sleep(0.02)
-        return False
+        return self._flushed.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop after spooling everything in memory and trying to drain the spool until ``timeout``."""

@@ -238,3 +238,31 @@ def test_an_unwritable_spool_is_counted_not_fatal(tmp_path, caplog):
     assert sender.counters.spool_errors == 1
     assert any("cannot write to the spool" in r.message for r in caplog.records)
     sender.client.close()
+
+
+def test_flush_answers_while_the_sender_thread_is_idle(make_server, tmp_path):
+    """flush() used to poll a lock the sender thread re-took at once and could starve for minutes."""
+    srv = make_server()
+    spool = Spool(tmp_path / "spool", fsync=False)
+    queue = ItemQueue(1000)
+    sender = Sender(srv.url, None, spool, queue, RES, flush_interval=60.0)
+    sender.start()
+    try:
+        for round_ in range(20):
+            queue.submit(MetricPoint("tailscope.gpu.utilization", float(round_), time.time_ns(),
+                                     (("gpu.index", 0),)))
+            assert sender.flush(10), f"round {round_}: flush did not come back ({len(spool)} spooled)"
+            assert len(spool) == 0 and queue.qsize() == 0
+    finally:
+        sender.stop(2)
+    assert sender.counters.sent_payloads == 20
+
+
+def test_flush_without_a_thread_spools_and_sends(make_server, tmp_path):
+    srv = make_server()
+    spool = Spool(tmp_path / "spool", fsync=False)
+    queue = ItemQueue(10)
+    sender = Sender(srv.url, None, spool, queue, RES)
+    queue.submit(MetricPoint("tailscope.gpu.utilization", 1.0, time.time_ns(), (("gpu.index", 0),)))
+    assert sender.flush(10) and len(spool) == 0 and sender.counters.sent_payloads == 1
+    sender.client.close()
