@@ -129,7 +129,33 @@ _REQUEST, _KV, _SEVERITY = _fast_classes()
 # ------------------------------------------------------------------ entry points
 
 
-def decode(signal: str, body: bytes, content_type: str | None, *, max_attribute_bytes: int = 65536) -> Decoded:
+DECODERS = ("auto", "python", "compiled")
+
+
+def compiled_available() -> bool:
+    """Whether the compiled traces decoder (collector/_otlpfast.c) is built and imports."""
+    from collector import otlp_c
+
+    return otlp_c.AVAILABLE
+
+
+def active_decoder(decoder: str = "auto") -> str:
+    """``"compiled"`` or ``"python"``: what decodes OTLP protobuf traces under the ``decoder`` setting."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
+    if decoder == "python":
+        return "python"
+    if compiled_available():
+        return "compiled"
+    if decoder == "compiled":
+        from collector import otlp_c
+
+        raise RuntimeError(f"the compiled OTLP decoder is not built: {otlp_c.IMPORT_ERROR}")
+    return "python"
+
+
+def decode(signal: str, body: bytes, content_type: str | None, *, max_attribute_bytes: int = 65536,
+           decoder: str = "auto") -> Decoded:
     """Decode one OTLP/HTTP request body.
 
     Args:
@@ -138,6 +164,10 @@ def decode(signal: str, body: bytes, content_type: str | None, *, max_attribute_
         content_type: the Content-Type header; parameters such as ``charset``
             are allowed.
         max_attribute_bytes: longer string values are cut (``truncated_values``).
+        decoder: for protobuf traces, ``"auto"`` uses the compiled decoder
+            (collector.otlp_c) when it is built, ``"python"`` never does,
+            ``"compiled"`` requires it. Both give the same result; the compiled
+            one hands bodies it does not fully understand to the Python code.
 
     Raises:
         UnsupportedMediaType: neither protobuf nor JSON (HTTP 415).
@@ -148,6 +178,12 @@ def decode(signal: str, body: bytes, content_type: str | None, *, max_attribute_
         body = bytes(body)  # bytearray / memoryview from a transport
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media == PROTOBUF:
+        if signal == "traces" and active_decoder(decoder) == "compiled":
+            from collector import otlp_c
+
+            fast = _guard(otlp_c.decode_traces, body, max_attribute_bytes)
+            if fast is not None:
+                return fast
         from google.protobuf.message import DecodeError
 
         try:
@@ -225,7 +261,7 @@ def _check_signal(signal: str) -> None:
         raise ValueError(f"unknown OTLP signal {signal!r}; expected one of {SIGNALS}")
 
 
-def _guard(fn: Callable[[Any, int], Decoded], message: Any, limit: int) -> Decoded:
+def _guard(fn: Callable[[Any, int], Any], message: Any, limit: int) -> Any:
     """Turn Arrow / Unicode failures on hostile input into BadPayload."""
     try:
         return fn(message, limit)
