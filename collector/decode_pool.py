@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tailscope.ingest")
 
 
-def decode_body(signal: str, body: bytes, content_type: str, content_encoding: str, limit: int, max_attribute_bytes: int) -> "Decoded":
+def decode_body(signal: str, body: bytes, content_type: str, content_encoding: str, limit: int, max_attribute_bytes: int,
+                decoder: str = "auto") -> "Decoded":
     """Decompress (bounded by ``limit``) and decode one OTLP/HTTP body; runs in a worker."""
     from collector import otlp
 
     raw = otlp.decompress(body, content_encoding, limit=limit)
-    return otlp.decode(signal, raw, content_type, max_attribute_bytes=max_attribute_bytes)
+    return otlp.decode(signal, raw, content_type, max_attribute_bytes=max_attribute_bytes, decoder=decoder)
 
 
 def _warm() -> int:
@@ -59,6 +60,16 @@ class DecodePool:
         self.limit = int(config.max_body_bytes)
         self.max_attribute_bytes = int(config.max_attribute_bytes)
         self.retry_after = str(int(config.retry_after_s))
+        self.decoder = str(config.decoder)
+        from collector import otlp
+
+        try:
+            # "compiled" without the extension stops the server here, at startup
+            self.active = otlp.active_decoder(self.decoder)
+        except RuntimeError as exc:
+            from tailscope.config import ConfigError
+
+            raise ConfigError(f"decoder=compiled: {exc}") from None
         self._lock = threading.Lock()
         self._pool: concurrent.futures.Executor | None = None
 
@@ -97,7 +108,8 @@ class DecodePool:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                pool, decode_body, signal, body, content_type, content_encoding, self.limit, self.max_attribute_bytes
+                pool, decode_body, signal, body, content_type, content_encoding, self.limit, self.max_attribute_bytes,
+                self.decoder,
             )
         except BrokenProcessPool:
             # A worker died (OOM-killed, …): the request was not decoded, so the

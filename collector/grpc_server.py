@@ -125,6 +125,7 @@ class GrpcReceiver:
         ingest = self.ingest
         metrics = ingest.metrics
         max_attribute_bytes = int(self.config.max_attribute_bytes)
+        decoder = str(self.config.decoder)
 
         def export(raw: bytes, context: grpc.ServicerContext) -> bytes:
             status = "OK"
@@ -136,7 +137,7 @@ class GrpcReceiver:
 
                 # The raw message bytes go straight to the decoder (the same path as
                 # OTLP/HTTP protobuf): no parse into stock classes and re-encode.
-                decoded = otlp.decode(signal, raw, otlp.PROTOBUF, max_attribute_bytes=max_attribute_bytes)
+                decoded = otlp.decode(signal, raw, otlp.PROTOBUF, max_attribute_bytes=max_attribute_bytes, decoder=decoder)
                 metrics.decoded(signal, decoded.accepted, decoded.rejected, decoded.truncated_values)
                 ingest.put_blocking(decoded)
                 return export_response(signal, decoded).SerializeToString()

@@ -88,6 +88,7 @@ class Ingest:
         self.group_target: int = max(1, self.capacity // 2)
         self.metrics = metrics if metrics is not None else SelfMetrics()
         self.decoder = DecodePool(config)
+        self.metrics.decoder = self.decoder.active
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._queued_items = 0  # items in _queue

@@ -86,6 +86,7 @@ class SelfMetrics:
         self.profiler_uploads = 0
         self.profiler_bytes = 0
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.decoder = ""  # which OTLP protobuf traces decoder runs: "compiled" or "python"
 
     # --- updates ------------------------------------------------------------
     def request(self, signal: str, transport: str, status: int | str, nbytes: int = 0) -> None:
@@ -183,6 +184,9 @@ class SelfMetrics:
             family("tailscope_ingest_decode_seconds", "histogram", "Time to decompress and decode one OTLP/HTTP body (including waiting for a decoder).")
             out.extend(self.decode_latency.lines("tailscope_ingest_decode_seconds"))
 
+            if self.decoder:
+                family("tailscope_ingest_decoder_info", "gauge", "The OTLP protobuf traces decoder in use (compiled: collector/_otlpfast.c; python: the pure-Python one).")
+                out.append(f'tailscope_ingest_decoder_info{{decoder="{_escape(self.decoder)}"}} 1')
             family("tailscope_profiler_uploads_total", "counter", "Profiler trace files stored.")
             out.append(f"tailscope_profiler_uploads_total {self.profiler_uploads}")
             family("tailscope_profiler_upload_bytes_total", "counter", "Bytes of profiler trace files stored.")

@@ -68,6 +68,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _decoder(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "python", "compiled"):
+        raise ValueError("expected auto, python or compiled")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -89,6 +96,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retention_hours", 0, "Delete telemetry older than this many hours; 0 keeps everything.", _non_negative_int),
     Setting("max_attribute_bytes", 64 * 1024, "Longer string attribute values are truncated (and counted) on ingest.", _positive_int),
     Setting("checkpoint_threshold_mb", 64, "DuckDB folds its write-ahead log into the file once the log is this many MiB (larger: less ingest CPU, longer restart replay).", _positive_int),
+    Setting("decoder", "auto", "OTLP protobuf traces decoder: auto (the compiled one when it is built, else Python), python (force the pure-Python decoder, for debugging), compiled (refuse to start without the compiled one). /healthz says which runs.", _decoder),
     Setting("decode_workers", 0, "Processes that decode OTLP/HTTP bodies in parallel; 0 decodes on the server's own threads.", _non_negative_int),
     Setting("max_profiler_bytes", 256 * 1024 * 1024, "Largest profiler trace accepted, compressed or not (413 beyond).", _positive_int),
     Setting("profiler_dir", "", "Where uploaded profiler traces are kept; default: <db>.profiler/ next to the DuckDB file."),

@@ -184,6 +184,7 @@ def build_server(config: Config) -> Server:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"ok": True, "db": str(Path(config.db)), "schema_version": store.schema_version}
+        return {"ok": True, "db": str(Path(config.db)), "schema_version": store.schema_version,
+                "decoder": ingest.decoder.active}
 
     return server

@@ -695,3 +695,20 @@ def test_ten_byte_varint_keeps_its_low_64_bits_whatever_the_key_length() -> None
         fast.resource_spans[0].scope_spans[0].spans[0].attributes.append(blob)
         d = decode("traces", fast.SerializeToString(), PROTOBUF)
         assert json.loads(rows(d, "spans")[0]["attributes"]) == {key.decode(): -1}
+
+
+def test_without_the_compiled_decoder_python_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from collector import otlp_c
+    from collector.decode_pool import DecodePool
+    from tailscope.config import ConfigError, load
+
+    monkeypatch.setattr(otlp_c, "AVAILABLE", False)
+    monkeypatch.setattr(otlp_c, "IMPORT_ERROR", "No module named 'collector._otlpfast'")
+    assert otlp.active_decoder("auto") == otlp.active_decoder("python") == "python"
+    with pytest.raises(RuntimeError, match="not built"):
+        otlp.active_decoder("compiled")
+    assert DecodePool(load({}, environ={})).active == "python"
+    with pytest.raises(ConfigError, match="decoder=compiled"):
+        DecodePool(load({"decoder": "compiled"}, environ={}))
+    d = decode("traces", GOOD, PROTOBUF)
+    assert d.accepted == 1
