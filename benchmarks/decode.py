@@ -6,10 +6,13 @@ token counts, vLLM latencies, request/session/batch ids, shape, GPU, priority;
 ids, token counts and latencies differ from span to span, so the decoder's
 once-per-batch handling of repeated attributes helps only where real traffic
 repeats too), encodes them as protobuf and as OTLP/JSON, and times
-``collector.otlp.decode`` on each (one process, one core). Prints one JSON object:
+``collector.otlp.decode`` on each (one process, one core): protobuf with the
+compiled decoder (collector/_otlpfast.c, when built) and with the pure-Python
+one, and OTLP/JSON. Prints one JSON object:
 
     {"spans_per_batch", "batches", "protobuf": {"spans_per_s", "us_per_span",
-     "cpu_spans_per_s", "cpu_us_per_span", "runs_spans_per_s"}, "json": {...},
+     "cpu_spans_per_s", "cpu_us_per_span", "runs_spans_per_s"} (compiled when built),
+     "protobuf_python": {...}, "protobuf_compiled": {...} | null, "json": {...},
      "naive_loop_reference": {...}, "bytes_per_span": {...}, "load_average": [...]}
 
 ``naive_loop_reference`` times a plain per-attribute Python loop over the stock
@@ -144,11 +147,17 @@ def main() -> None:
     otlp.warm_up()
     naive_decode(pb[0])
     spans = args.spans * args.batches
-    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("protobuf", "json", "naive")}
-    for _ in range(args.runs):  # interleaved, so load changes on a shared machine hit all three alike
-        for key, fn in (("naive", lambda: sum(naive_decode(b) for b in pb)),
-                        ("protobuf", lambda: sum(otlp.decode("traces", b, otlp.PROTOBUF).accepted for b in pb)),
-                        ("json", lambda: sum(otlp.decode("traces", b, otlp.JSON).accepted for b in js))):
+    compiled = otlp.compiled_available()
+    runs: list[tuple[str, Callable[[], int]]] = [
+        ("naive", lambda: sum(naive_decode(b) for b in pb)),
+        ("protobuf_python", lambda: sum(otlp.decode("traces", b, otlp.PROTOBUF, decoder="python").accepted for b in pb)),
+        ("json", lambda: sum(otlp.decode("traces", b, otlp.JSON).accepted for b in js)),
+    ]
+    if compiled:
+        runs.insert(1, ("protobuf_compiled", lambda: sum(otlp.decode("traces", b, otlp.PROTOBUF, decoder="compiled").accepted for b in pb)))
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k, _ in runs}
+    for _ in range(args.runs):  # interleaved, so load changes on a shared machine hit all alike
+        for key, fn in runs:
             wall, cpu, n = _timed(fn)
             assert n == spans, (key, n)
             times[key][0].append(wall)
@@ -157,7 +166,9 @@ def main() -> None:
         "spans_per_batch": args.spans,
         "batches": args.batches,
         "attributes_per_span": 12,
-        "protobuf": _summary(*times["protobuf"], spans),
+        "protobuf": _summary(*times["protobuf_compiled" if compiled else "protobuf_python"], spans),
+        "protobuf_python": _summary(*times["protobuf_python"], spans),
+        "protobuf_compiled": _summary(*times["protobuf_compiled"], spans) if compiled else None,
         "json": _summary(*times["json"], spans),
         "naive_loop_reference": _summary(*times["naive"], spans),
         "bytes_per_span": {"protobuf": round(sum(map(len, pb)) / spans), "json": round(sum(map(len, js)) / spans)},
