@@ -25,7 +25,8 @@ Sources (``shared/notes/SIGNALS.md``), best first, each feature-detected:
    config.recompile_limit (8)", older "config.cache_size_limit") becomes the
    log event ``tailscope.compile.limit_hit``: the frame then runs eager.
 
-Versions: verified on torch 2.13.0 (CPU). Read from torch's source for older
+Versions: verified on torch 2.13.0 (CPU build) and 2.14.1 (CUDA build, run on
+the CPU): the compile, instrumentation and lab tests pass on both. Read from torch's source for older
 versions: ``log_compilation_event`` exists since 2.1; ``start_time_us`` /
 ``duration_us`` / ``recompile_reason`` are newer than 2.4, where the record
 has ``start_time`` (s) and ``entire_frame_compile_time_s`` instead (both
