@@ -18,10 +18,16 @@ then prints one JSON object:
 * ``stored_spans_per_server_cpu_s``: spans stored per CPU-second the server
   (and its decode workers) used — comparable across machine load, unlike
   wall-clock throughput on a shared machine;
+* ``sender_cpu_s`` / ``sender_cpu_us_per_span``: what the sender processes used
+  (on the same cores as the server, so it bounds what the server can get);
+* ``machine_cpu_busy``: the share of all cores busy during the run, and
+  ``other_cpu_s``: CPU that neither the server nor the senders used (other jobs
+  on a shared machine, the benchmark itself);
 * ``cpu_calibration_s``: seconds a fixed pure-Python loop takes here, so runs
   on machines with different load can be compared.
 
-Run: ``.venv/bin/python benchmarks/ingest.py [--seconds 20] [--decode-workers 2]``.
+Run: ``.venv/bin/python benchmarks/ingest.py [--seconds 20] [--decode-workers 2] [--decoder python]``
+(``--decoder``: the server's ``decoder`` setting; the report says which decoder ran).
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+_SERVE_WITH_H11 = (
+    "import functools, sys, uvicorn; uvicorn.run = functools.partial(uvicorn.run, http='h11', loop='asyncio'); "
+    "from tailscope.cli import main; sys.exit(main())"
+)
 
 
 def free_port() -> int:
@@ -130,10 +142,10 @@ def sender(url: str, bodies: list[bytes], batch: int, seconds: float, threads: i
         t.start()
     for t in ts:
         t.join()
-    out.put(results)
+    out.put((results, time.process_time()))
 
 
-def stage_costs(body: bytes, batch: int) -> dict[str, float]:
+def stage_costs(body: bytes, batch: int, decoder: str = "auto") -> dict[str, float]:
     """CPU time of the pipeline's stages on one batch, in this process (ms per 1,000 spans).
 
     CPU time (``process_time``, which includes DuckDB's own threads) rather than
@@ -152,9 +164,9 @@ def stage_costs(body: bytes, batch: int) -> dict[str, float]:
             fn()
         return (time.process_time() - t) / reps
 
-    otlp.decode("traces", body, "application/x-protobuf")
-    decode = cpu(lambda: otlp.decode("traces", body, "application/x-protobuf"), 10)
-    d = otlp.decode("traces", body, "application/x-protobuf")
+    otlp.decode("traces", body, "application/x-protobuf", decoder=decoder)
+    decode = cpu(lambda: otlp.decode("traces", body, "application/x-protobuf", decoder=decoder), 10)
+    d = otlp.decode("traces", body, "application/x-protobuf", decoder=decoder)
     pick = cpu(lambda: pickle.loads(pickle.dumps(d, protocol=5)), 10)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "s.duckdb")
@@ -203,6 +215,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (Linux)."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM of a process and its children (decode workers), MiB."""
     total = 0
@@ -232,33 +255,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-workers", type=int, default=0)
     ap.add_argument("--queue-max-spans", type=int, default=200_000)
     ap.add_argument("--flush-interval-ms", type=int, default=20)
+    ap.add_argument("--decoder", default="auto", choices=("auto", "python", "compiled"), help="the server's decoder setting")
+    ap.add_argument("--http", default="auto", choices=("auto", "h11"),
+                    help="uvicorn's HTTP stack: auto (httptools + uvloop when installed) or h11 + asyncio")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage timing")
     args = ap.parse_args(argv)
 
     cal = calibrate()
     bodies = [build_body(args.batch, seed) for seed in range(8)]
-    stages = None if args.no_stages else stage_costs(bodies[0], args.batch)
+    stages = None if args.no_stages else stage_costs(bodies[0], args.batch, args.decoder)
 
     tmp = tempfile.mkdtemp(prefix="tailscope-bench-")
     db = Path(tmp) / "bench.duckdb"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAILSCOPE_")}
     env["PYTHONPATH"] = str(REPO)
+    # --http h11 pins uvicorn to its pure-Python HTTP parser and asyncio's loop,
+    # what it picks when httptools / uvloop are not installed
+    launch = [sys.executable, "-m", "tailscope"] if args.http == "auto" else [sys.executable, "-c", _SERVE_WITH_H11]
     server = subprocess.Popen(
-        [sys.executable, "-m", "tailscope", "serve", "--db", str(db), "--port", str(port), "--grpc-port", "0",
+        launch + ["serve", "--db", str(db), "--port", str(port), "--grpc-port", "0",
          "--dashboard", "false", "--log-level", "warning", "--decode-workers", str(args.decode_workers),
-         "--queue-max-spans", str(args.queue_max_spans), "--flush-interval-ms", str(args.flush_interval_ms)],
+         "--queue-max-spans", str(args.queue_max_spans), "--flush-interval-ms", str(args.flush_interval_ms),
+         "--decoder", args.decoder],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     import httpx
 
     base = f"http://127.0.0.1:{port}"
+    decoder = None
     try:
         for _ in range(600):
             if server.poll() is not None:
                 raise SystemExit("server exited: " + server.stderr.read().decode(errors="replace")[-2000:])
             try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                health = httpx.get(base + "/healthz", timeout=1)
+                if health.status_code == 200:
+                    decoder = health.json().get("decoder")
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
@@ -269,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         out: mp.Queue = ctx.Queue()
         start_at = time.time() + 3.0  # every sender has started and built its client by then
         cpu_before = cpu_seconds(server.pid)
+        machine_before = machine_cpu()
         procs = [
             ctx.Process(target=sender, args=(base + "/v1/traces", bodies[k::args.senders] or bodies, args.batch, args.seconds, args.threads, start_at, out))
             for k in range(args.senders)
@@ -276,12 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.start()
         results: list[tuple[int, float]] = []
+        sender_cpu = 0.0
         for _ in procs:
-            results += out.get(timeout=args.seconds + 300)
+            got, cpu = out.get(timeout=args.seconds + 300)
+            results += got
+            sender_cpu += cpu
         for p in procs:
             p.join(30)
         elapsed = time.time() - start_at
         server_cpu = cpu_seconds(server.pid) - cpu_before
+        machine_after = machine_cpu()
+        machine_busy = machine_after[0] - machine_before[0]
+        machine_total = machine_after[1] - machine_before[1]
 
         ok = [lat for s, lat in results if s == 200]
         statuses: dict[str, int] = {}
@@ -300,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             "senders": args.senders,
             "threads_per_sender": args.threads,
             "decode_workers": args.decode_workers,
+            "decoder": decoder,
+            "http": args.http,
             "seconds": round(elapsed, 2),
             "requests": statuses,
             "accepted_spans_per_s": round(acked / elapsed),
@@ -317,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             # Load-independent efficiency: what the server process(es) spent per span.
             "server_cpu_s": round(server_cpu, 2),
             "stored_spans_per_server_cpu_s": round(stored / server_cpu) if server_cpu else None,
+            # the senders share the machine: their CPU is what the server cannot have
+            "sender_cpu_s": round(sender_cpu, 2),
+            "sender_cpu_us_per_span": round(sender_cpu / stored * 1e6, 2) if stored else None,
+            # the whole machine over the run: how busy, and what neither server nor senders used
+            "machine_cpu_busy": round(machine_busy / machine_total, 2) if machine_total else None,
+            "other_cpu_s": round(machine_busy - server_cpu - sender_cpu, 2) if machine_total else None,
             "stage_cpu_ms_per_1000_spans": stages,
             "cpu_calibration_s": cal,
             "cpus": os.cpu_count(),
