@@ -14,7 +14,7 @@ setup(
             "collector._otlpfast",
             sources=["collector/_otlpfast.c"],
             optional=True,
-            extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wno-missing-field-initializers"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-missing-field-initializers"],
         )
     ]
 )

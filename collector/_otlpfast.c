@@ -743,7 +743,7 @@ typedef struct {
     Buf res;                  /* ResBlob[] */
     Buf apos, epos, lpos;     /* Span_[]: attribute / event / link encodings of the current item */
     Buf attrs;                /* Attr[] */
-    Buf hset;                 /* int32 hash set for long attribute lists */
+    Buf order;                /* size_t[]: sort order for long attribute lists */
     int *win, *best;          /* per typed column */
 } Ctx;
 
@@ -806,7 +806,7 @@ static void ctx_free(Ctx *c)
     buf_free(&c->epos);
     buf_free(&c->lpos);
     buf_free(&c->attrs);
-    buf_free(&c->hset);
+    buf_free(&c->order);
     Py_CLEAR(c->cache);
 }
 
@@ -976,6 +976,28 @@ static int decode_attr(Ctx *c, const uint8_t *b, size_t n, Attr *a, Py_ssize_t *
     return attr_fallback(c, b, n, a, trunc);
 }
 
+static inline int same_key(const Attr *x, const Attr *y)
+{
+    return x->hash == y->hash && x->klen == y->klen && memcmp(x->key, y->key, x->klen) == 0;
+}
+
+/* qsort passes no context: the attributes being sorted, per thread (decodes run
+ * on several threads at once, without the GIL). */
+static _Thread_local const Attr *sort_base;
+
+static int by_key(const void *pa, const void *pb)
+{
+    size_t i = *(const size_t *)pa, j = *(const size_t *)pb;
+    const Attr *x = &sort_base[i], *y = &sort_base[j];
+    size_t n = x->klen < y->klen ? x->klen : y->klen;
+    int d = n ? memcmp(x->key, y->key, n) : 0;
+    if (d == 0 && x->klen != y->klen)
+        d = x->klen < y->klen ? -1 : 1;
+    if (d == 0)
+        d = i < j ? -1 : (i > j ? 1 : 0);
+    return d;
+}
+
 /* Decode the attribute encodings in c->apos into c->attrs; marks each
  * attribute's last copy in its item (``last``). Returns the count or < 0. */
 static Py_ssize_t decode_attrs(Ctx *c, Py_ssize_t *trunc)
@@ -1002,36 +1024,28 @@ static Py_ssize_t decode_attrs(Ctx *c, Py_ssize_t *trunc)
     if (m <= 24) {
         for (size_t i = 0; i + 1 < m; i++)
             for (size_t j = i + 1; j < m; j++)
-                if (a[j].hash == a[i].hash && a[j].klen == a[i].klen && memcmp(a[j].key, a[i].key, a[i].klen) == 0) {
+                if (same_key(&a[j], &a[i])) {
                     a[i].last = 0;
                     break;
                 }
         return (Py_ssize_t)m;
     }
-    size_t size = 64;
-    while (size < 2 * m)
-        size *= 2;
-    if (size > ((size_t)-1) / sizeof(int32_t))
+    /* Long lists: sort positions by key (ties by position) and keep the last of
+     * each run. O(m log m) whatever the keys, so no crafted set of colliding
+     * keys can make it quadratic. */
+    if (m > ((size_t)-1) / sizeof(size_t))
         return ST_NOMEM;
-    c->hset.len = 0;
-    if (c->hset.cap < size * sizeof(int32_t) && buf_grow(&c->hset, size * sizeof(int32_t)))
+    c->order.len = 0;
+    if (c->order.cap < m * sizeof(size_t) && buf_grow(&c->order, m * sizeof(size_t)))
         return ST_NOMEM;
-    int32_t *set = (int32_t *)c->hset.p;
-    memset(set, 0xFF, size * sizeof(int32_t));
-    for (size_t i = m; i-- > 0;) {
-        size_t h = a[i].hash & (size - 1);
-        for (;; h = (h + 1) & (size - 1)) {
-            int32_t j = set[h];
-            if (j < 0) {
-                set[h] = (int32_t)i;
-                break;
-            }
-            if (a[j].hash == a[i].hash && a[j].klen == a[i].klen && memcmp(a[j].key, a[i].key, a[i].klen) == 0) {
-                a[i].last = 0;
-                break;
-            }
-        }
-    }
+    size_t *order = (size_t *)c->order.p;
+    for (size_t i = 0; i < m; i++)
+        order[i] = i;
+    sort_base = a;
+    qsort(order, m, sizeof(size_t), by_key);
+    for (size_t k = 0; k + 1 < m; k++)
+        if (same_key(&a[order[k]], &a[order[k + 1]]))
+            a[order[k]].last = 0;
     return (Py_ssize_t)m;
 }
 

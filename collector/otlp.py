@@ -8,6 +8,11 @@ Entry points (the ingest pipeline and the gRPC services call these):
   ``application/json`` for ``"traces"``, ``"metrics"`` or ``"logs"``.
 * :func:`decode_message` — an already parsed ``Export*ServiceRequest`` (gRPC).
 
+Protobuf traces go to the compiled decoder (``collector.otlp_c``, a C walk of
+the wire format) when it is built, unless ``decoder="python"``; it produces the
+same tables as the Python code here, which stays the definition of what is
+stored and decodes every body the C walker hands back (anything unusual).
+
 Whole-body problems raise :class:`BadPayload` (or :class:`UnsupportedMediaType`,
 status 415). Invalid *items* — a span with a zero trace id, a log record
 without a time — are dropped and counted in ``Decoded.rejected`` with a reason
