@@ -129,7 +129,14 @@ def class_baselines(
     # Component medians need far fewer requests than latency classes, and the
     # stage-span scan is the expensive part: take them from at most the last
     # COMPONENT_SLICE of each reference range.
-    slices = [Span(max(r.start, r.end - COMPONENT_SLICE), r.end) for r in refs]
+    # Anchored at each range's last request, not its end: a range asked for
+    # past the end of the data still gets its components from the data.
+    slices = []
+    for r in refs:
+        last = con.execute(f"SELECT max(start_time) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
+                           [r.start, r.end, *svc_params]).fetchall()[0][0]
+        end = min(r.end, last + timedelta(milliseconds=1)) if last is not None else r.end
+        slices.append(Span(max(r.start, end - COMPONENT_SLICE), end))
     kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start, r.end + timedelta(hours=1)) for r in slices])
     slice_sql, slice_params = _spans_filter("start_time", slices)
     kids_cte = (f"kid_req AS (SELECT trace_id, span_id, start_time, end_time FROM ref_req WHERE {slice_sql}),\n"
