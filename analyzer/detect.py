@@ -49,6 +49,7 @@ class Spike:
 class Baseline:
     median: float
     scale: float
+    dispersion: float = 1.0  # variance of slow counts over the binomial's (share baselines only)
 
     def open_threshold(self) -> float:
         return max(self.median + OPEN_SIGMAS * self.scale, OPEN_RATIO * self.median)
@@ -71,6 +72,33 @@ def robust(values: "np.ndarray | list[float]") -> Baseline:
     return Baseline(med, max(1.4826 * mad, SCALE_FLOOR * med, 1e-3))
 
 
+DISPERSION_MAX = 16.0
+
+
+def share_baseline(share: list[float], slow: np.ndarray, count: np.ndarray, idx: list[int], dispersion: bool = True) -> Baseline:
+    """Median and MAD of the class-slow shares of windows ``idx``, and how overdispersed their counts are.
+
+    Slow requests come in clusters, not one by one: a long request or a
+    stall holds a replica's slots, and the requests queued behind it are slow
+    together. So the count of slow requests per window varies more than the
+    binomial of independent requests says, the more so the fewer slots a
+    replica has (low traffic). The dispersion (observed variance of the
+    counts around ``n p`` over the binomial variance, at least 1) widens the
+    noise band accordingly; it is measured on the same normal windows. A
+    variance is not robust to the spike itself, so windows that may contain
+    it (the warm-up's windows on both sides) get ``dispersion=False``.
+    """
+    base = robust([share[j] for j in idx])
+    if not dispersion:
+        return base
+    p = base.median
+    num = sum((float(slow[j]) - float(count[j]) * p) ** 2 for j in idx)
+    den = sum(float(count[j]) * p * (1.0 - p) for j in idx)
+    if den > 0:
+        base.dispersion = min(DISPERSION_MAX, max(1.0, num / den))
+    return base
+
+
 def detect(
     t: np.ndarray,
     count: np.ndarray,
@@ -80,6 +108,7 @@ def detect(
     slo_ms: float | None = None,
     min_count: int = MIN_COUNT,
     slow: np.ndarray | None = None,
+    top: list[list[float]] | None = None,
 ) -> list[Spike]:
     """Find spikes in one service's window series.
 
@@ -94,6 +123,9 @@ def detect(
             (see ``baseline``). The service p99 is dominated by long requests,
             so a stall that hits short ones may not move it; the share of
             class-slow requests moves. Either signal opens an incident.
+        top: optional, per window, its largest latencies (descending; at least
+            the top 1 %): the p99 opens an incident only when SHARE_MIN_SLOW
+            of them exceed the baseline p99.
 
     Returns:
         spikes in time order; the loop runs over windows (aggregates), not requests.
@@ -104,10 +136,10 @@ def detect(
         return []
     fallback = robust(p99[valid])
     share_arr = slow / np.maximum(count, 1) if slow is not None else None
-    share_fallback = robust(share_arr[valid]) if share_arr is not None else None
     share = share_arr.tolist() if share_arr is not None else None
     p99l = p99.tolist()
     valid_idx = [int(j) for j in np.flatnonzero(valid)]
+    share_fallback = share_baseline(share, slow, count, valid_idx, dispersion=False) if share is not None else None
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
@@ -131,7 +163,7 @@ def detect(
             if len(hist) >= MIN_HISTORY:
                 base = robust([p99l[j] for j in hist])
                 if share is not None:
-                    sbase = robust([share[j] for j in hist])
+                    sbase = share_baseline(share, slow, count, hist)
             else:
                 # Warm-up: too little history yet; judge against the windows
                 # around this one (both sides), a robust median of which a
@@ -139,7 +171,7 @@ def detect(
                 near = [j for j in valid_idx if abs(t[j] - t[i]) <= horizon]
                 base = robust([p99l[j] for j in near]) if len(near) >= 3 else fallback
                 if share is not None:
-                    sbase = robust([share[j] for j in near]) if len(near) >= 3 else share_fallback
+                    sbase = share_baseline(share, slow, count, near, dispersion=False) if len(near) >= 3 else share_fallback
             if span_days >= 1:
                 same = [j for j in by_hour.get(int(hour[i]), [])[-4 * HISTORY_WINDOWS:] if t[i] - t[j] >= DAY_S - 3600]
                 if len(same) >= MIN_HISTORY:
@@ -152,7 +184,12 @@ def detect(
         if share is not None and sbase is not None:
             s_open, s_keep = _share_state(float(share[i]), int(slow[i]), int(count[i]), sbase)
         if current is None:
-            p99_open = v > base.open_threshold() and count[i] >= P99_MIN_COUNT
+            # The p99 of a window of a few hundred requests is one of its few
+            # largest values: one or two outliers of a heavy tail move it. An
+            # incident makes several requests slower than the usual p99, so
+            # the p99 opens one only with SHARE_MIN_SLOW of them behind it.
+            p99_open = (v > base.open_threshold() and count[i] >= P99_MIN_COUNT
+                        and (top is None or _above(top[i], base.median) >= SHARE_MIN_SLOW))
             if p99_open or over_slo or s_open:
                 current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i])
                 frozen, sfrozen = base, sbase
@@ -181,17 +218,27 @@ def detect(
     return spikes
 
 
-# A share of class-slow requests is a binomial proportion: its noise is at
-# least sqrt(p(1-p)/n), whatever the MAD of a quiet history says.
+# A share of class-slow requests is a (overdispersed) binomial proportion: its
+# noise is at least sqrt(D p(1-p)/n), whatever the MAD of a quiet history says.
 SHARE_OPEN_RATIO = 2.5
 SHARE_CLOSE_RATIO = 1.5
 SHARE_MIN_SLOW = 5
 SHARE_OPEN_SIGMAS = 5.0
 
 
+def _above(top: list[float], threshold: float) -> int:
+    """How many of a window's largest latencies (descending) exceed ``threshold``."""
+    k = 0
+    for x in top:
+        if x <= threshold:
+            break
+        k += 1
+    return k
+
+
 def _share_state(value: float, slow: int, n: int, base: Baseline) -> tuple[bool, bool]:
     p = max(base.median, 1.0 / max(n, 1))
-    sd = max(base.scale, (p * (1 - p) / max(n, 1)) ** 0.5)
+    sd = max(base.scale, (base.dispersion * p * (1 - p) / max(n, 1)) ** 0.5)
     opening = slow >= SHARE_MIN_SLOW and value > p + SHARE_OPEN_SIGMAS * sd and value >= SHARE_OPEN_RATIO * p
     keeping = slow >= 2 and value > p + CLOSE_SIGMAS * sd and value >= SHARE_CLOSE_RATIO * p
     return opening, keeping

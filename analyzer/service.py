@@ -307,8 +307,12 @@ class Analyzer:
 
     # --- spikes -------------------------------------------------------------
     def _window_stats(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime,
-                      step: int) -> list[tuple[str, int, int, float, int]]:
-        """(service, window, requests, p99, class-slow requests) per window, one pass over the requests."""
+                      step: int, tops: dict[tuple[str, int], list[float]] | None = None) -> list[tuple[str, int, int, float, int]]:
+        """(service, window, requests, p99, class-slow requests) per window, one pass over the requests.
+
+        ``tops``, when given, receives each window's largest latencies (descending, at least
+        its top 1 % and TOP_K_MIN of them, or all): what the p99 rests on.
+        """
         rng = (lead, end)
         params: list[Any] = [lead, end]
         svc = ""
@@ -365,6 +369,8 @@ class Analyzer:
             if p99 is None:
                 refill.append(len(out))
             out.append((s, int(w), int(n), p99 if p99 is not None else float("nan"), int(slow)))
+            if tops is not None:
+                tops[(s, int(w))] = [float(x) for x in top or []]
         if refill:
             # Windows busier than the estimate: their exact p99 the plain way.
             exact = {(s, int(w)): float(p) for s, w, p in con.execute(
@@ -387,8 +393,10 @@ class Analyzer:
         """
         lead = rng[0] - LEAD_IN
         by_service: dict[str, tuple[int, list[tuple[int, int, float, int]]]] = {}
-        for s, w, n, p99, slow in self._window_stats(con, service, lead, rng[1], self.step_s):
+        tops: dict[tuple[str, int], list[float]] = {}
+        for s, w, n, p99, slow in self._window_stats(con, service, lead, rng[1], self.step_s, tops):
             by_service.setdefault(s, (self.step_s, []))[1].append((w, n, p99, slow))
+        wide_tops: dict[str, dict[tuple[str, int], list[float]]] = {}
         for s, (step, series) in list(by_service.items()):
             counts = sorted(x[1] for x in series)
             median = counts[len(counts) // 2] if counts else 0
@@ -396,7 +404,8 @@ class Analyzer:
                 continue
             factor = next((f for f in _FACTORS if median * f >= WINDOW_TARGET), _FACTORS[-1])
             wide = self.step_s * factor
-            by_service[s] = (wide, [(w, n, p99, slow) for _, w, n, p99, slow in self._window_stats(con, s, lead, rng[1], wide)])
+            wide_tops[s] = {}
+            by_service[s] = (wide, [(w, n, p99, slow) for _, w, n, p99, slow in self._window_stats(con, s, lead, rng[1], wide, wide_tops[s])])
         newest = self._newest(con)
         out = []
         lo_s, hi_s = unix(rng[0]), unix(rng[1])
@@ -407,7 +416,9 @@ class Analyzer:
             n = np.array([x[1] for x in series], dtype=np.int64)
             p = np.array([x[2] for x in series], dtype=np.float64)
             slow = np.array([x[3] for x in series], dtype=np.int64)
-            for sp in detect(t.astype(np.float64), n, p, step_s=step, slo_ms=self.slo.get(s), slow=slow):
+            src = wide_tops.get(s, tops)
+            top = [src.get((s, x[0]), []) for x in series]
+            for sp in detect(t.astype(np.float64), n, p, step_s=step, slo_ms=self.slo.get(s), slow=slow, top=top):
                 a, b = float(t[sp.first]), float(t[sp.last] + step)
                 if b <= lo_s or a >= hi_s:
                     continue
