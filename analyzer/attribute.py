@@ -412,7 +412,7 @@ def _throttle(ev: Evidence, host: str | None, gpu: int | None, t0: float, t1: fl
     clocks = [v for _, v, _ in ev.gpu_samples(host, gpu, "tailscope.gpu.sm_clock", t0, t1) if not math.isnan(v)]
     if not clocks:
         return None
-    ref = ev.gpu_ref.get((host or "", gpu)) or _only(ev.gpu_ref, host) or {}
+    ref = ev.gpu_ref.get(ev.gpu_key(host, gpu)) or {}
     maxes = [v for _, v, _ in ev.gpu_samples(host, gpu, "tailscope.gpu.sm_clock.max", t0, t1) if not math.isnan(v)]
     clock_max = max(maxes) if maxes else ref.get("clock_max")
     normal = ref.get("clock_p50") or clock_max
@@ -435,11 +435,6 @@ def _throttle(ev: Evidence, host: str | None, gpu: int | None, t0: float, t1: fl
                    "clock_event_reasons": hex(bits), "reasons": decode_reasons(bits)}]
 
 
-def _only(table: dict, host: str | None) -> dict | None:
-    rows = [v for k, v in table.items() if k[0] == (host or "")]
-    return rows[0] if len(rows) == 1 else None
-
-
 _REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
             0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
             0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
@@ -453,10 +448,11 @@ def decode_reasons(bits: int) -> list[str]:
 def _foreign(ev: Evidence, host: str | None, gpu: int | None, pid: int | None, t0: float, t1: float) -> list[dict]:
     serving = ev.serving_pids.get(host or "", set())
     seen: dict[int, float] = {}
+    key = ev.gpu_key(host, gpu)
     for _, v, p in ev.gpu_samples(host, gpu, "tailscope.gpu.process.memory.used", t0, t1):
         if p is None or p == pid or p in serving:
             continue
-        if ev.foreign_presence.get((host or "", gpu, int(p)), 0.0) > FOREIGN_PRESENCE_MAX:
+        if ev.foreign_presence.get((key[0], key[1], int(p)), 0.0) > FOREIGN_PRESENCE_MAX:
             continue
         seen[int(p)] = max(seen.get(int(p), 0.0), v if not math.isnan(v) else 0.0)
     return [{"kind": "foreign_process", "host": host, "gpu_index": gpu, "pid": p, "memory_bytes": int(m),

@@ -83,14 +83,23 @@ class Evidence:
     step_s: int = 60
 
     # --- lookups used by attribution ----------------------------------------
-    def gpu_samples(self, host: str | None, gpu: int | None, name: str, a: float, b: float) -> list[tuple[float, float, int | None]]:
-        series = self.gpu.get((host or "", gpu))
-        if series is None and gpu is None:
-            # No GPU index on the request (vLLM's spans carry none): on a host with
-            # exactly one GPU in the metrics, that GPU is the one.
-            on_host = [k for k in self.gpu if k[0] == (host or "")]
+    def gpu_key(self, host: str | None, gpu: int | None) -> tuple[str, int | None]:
+        """The (host, GPU index) whose samples describe a request's GPU.
+
+        No GPU index on the request (vLLM's spans carry none): on a host with
+        exactly one GPU in the metrics, that GPU is the one. Every lookup keyed
+        by GPU (samples, reference clocks, which processes are always there)
+        goes through here, so they all mean the same GPU.
+        """
+        key = (host or "", gpu)
+        if gpu is None and key not in self.gpu:
+            on_host = [k for k in self.gpu if k[0] == key[0]]
             if len(on_host) == 1:
-                series = self.gpu[on_host[0]]
+                return on_host[0]
+        return key
+
+    def gpu_samples(self, host: str | None, gpu: int | None, name: str, a: float, b: float) -> list[tuple[float, float, int | None]]:
+        series = self.gpu.get(self.gpu_key(host, gpu))
         if not series:
             return []
         rows = series.get(name, [])
