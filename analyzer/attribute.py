@@ -28,6 +28,7 @@ from collections import defaultdict
 from typing import Any
 
 from analyzer.evidence import THROTTLE_BITS, Evidence
+from analyzer.requests import ZERO_WHEN_ABSENT
 from analyzer.timeutil import from_unix, iso
 from tailscope.causes import CAUSES  # noqa: F401  (re-exported: the analyzer's vocabulary)
 
@@ -144,6 +145,8 @@ def components(req: dict[str, Any], children: list[dict]) -> tuple[dict[str, flo
             comp[p] = sums[p]
         elif p in _FLAT and req.get(_FLAT[p]) is not None:
             comp[p] = float(req[_FLAT[p]]) * 1000.0
+        elif p in ZERO_WHEN_ABSENT and stages:
+            comp[p] = 0.0  # its other stages are reported: this one did not happen
         else:
             comp[p] = None
     if not stages and comp.get("queue") is not None:

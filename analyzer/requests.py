@@ -81,12 +81,24 @@ def stage_sums_sql(request_rel: str, time_filter: str = "") -> str:
     GROUP BY ALL"""
 
 
+# Stages that, on a request whose other stages are reported, did not happen when
+# they are not: it was scheduled at once, nothing compiled or loaded on its path
+# (instrumentations commonly emit a queue span only when a request waited).
+# A missing prefill, decode or provider call means the request's path has no
+# such stage (a gateway, a cache hit), so its normal is taken over the requests that have one.
+ZERO_WHEN_ABSENT: tuple[str, ...] = ("queue", "compile", "model_load")
+
+
 def component_exprs(req: str = "r", kids: str = "k") -> str:
-    """Component milliseconds: child stage spans first, vLLM flat attributes otherwise."""
+    """Component milliseconds: child stage spans first, vLLM flat attributes otherwise (see ZERO_WHEN_ABSENT)."""
+    has_kids = "coalesce(" + ", ".join(f"{kids}.{s}_child_ms" for s in STAGES) + ") IS NOT NULL"
     out = []
     for comp in COMPONENTS:
-        child = f"{kids}.{comp}_child_ms"
-        flat = _FLAT.get(comp)
-        expr = f"coalesce({child}, {req}.{flat} * 1000.0)" if flat else child
+        parts = [f"{kids}.{comp}_child_ms"]
+        if comp in _FLAT:
+            parts.append(f"{req}.{_FLAT[comp]} * 1000.0")
+        if comp in ZERO_WHEN_ABSENT:
+            parts.append(f"CASE WHEN {has_kids} THEN 0.0 END")
+        expr = f"coalesce({', '.join(parts)})" if len(parts) > 1 else parts[0]
         out.append(f"{expr} AS {comp}_ms")
     return ",\n    ".join(out)
