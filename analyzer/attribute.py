@@ -295,7 +295,7 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             q_s = comp["queue"] / 1000.0
             before = _kv_pressure(ev, inst, req["trace_id"], t0 - KV_BACKLOG_S - q_s, t0)
             if before:
-                rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=len(before),
+                rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=sum(int(e.get("count") or 1) for e in before),
                              gap_before_request_ms=_r((t0 - before[-1]["t"]) * 1000.0), via="backlog")]
                 led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
         lost = _prefix_lost(req, ev.session_prev.get((req["trace_id"], req["span_id"])))
@@ -381,14 +381,18 @@ def _kv_pressure(ev: Evidence, inst: str | None, trace_id: str, a: float, b: flo
         return []
     got = [e for e in ev.evict_instance.get(inst, []) if a <= e["t"] <= b
            and e.get("kv_reason") != "prefix_lru" and e.get("victim") != trace_id]
+    n = sum(int(e.get("count") or 1) for e in got)  # an engine counter's row stands for its increase
     expected = ev.evict_ref.get(inst, 0.0) * (b - a)
-    return got if len(got) >= 3 and len(got) >= 3 * expected else []
+    return got if n >= 3 and n >= 3 * expected else []
 
 
 def _evict_row(e: dict) -> dict:
-    return {"kind": "kv_eviction", "time": iso(from_unix(e["t"])), "instance": e.get("instance"),
-            "reason": e.get("kv_reason"), "blocks": e.get("kv_blocks"), "kv_usage": e.get("kv_usage"),
-            "victim_trace_id": e.get("victim")}
+    row = {"kind": "kv_eviction", "time": iso(from_unix(e["t"])), "instance": e.get("instance"),
+           "reason": e.get("kv_reason"), "blocks": e.get("kv_blocks"), "kv_usage": e.get("kv_usage"),
+           "victim_trace_id": e.get("victim")}
+    if e.get("source"):
+        row.update(kind="preemption_counter", preemptions=e.get("count"), source=e["source"])
+    return row
 
 
 def _prefix_lost(req: dict, prev: dict | None) -> dict | None:

@@ -241,6 +241,38 @@ def _evictions(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: d
             ev.evict_victim[row["trace_id"]].append(row)
         if row["instance"]:
             ev.evict_instance[row["instance"]].append(row)
+    # Engines that emit no eviction records still count their preemptions
+    # (vLLM's Prometheus counter, forwarded by the agent under its own name):
+    # each increase between two scrapes is that many preemptions, at the later scrape.
+    cur = con.execute(
+        f"""SELECT service_instance_id AS instance, epoch(time) AS t, value - lag(value) OVER w AS d, value
+           FROM metrics WHERE name IN ({', '.join(repr(n) for n in PREEMPTION_COUNTERS)})
+             AND time >= ? - INTERVAL {int(STALL_LOOKBACK_S) + 60} SECOND AND time <= ? + INTERVAL 1 MINUTE
+             AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+           WINDOW w AS (PARTITION BY service_instance_id, name ORDER BY time)
+           ORDER BY time""",
+        [lo, hi],
+    )
+    added = set()
+    for inst, t, d, value in cur.fetchall():
+        n = _increase(d, value)
+        if n > 0 and inst:
+            ev.evict_instance[inst].append({"t": float(t), "instance": inst, "victim": None, "kv_reason": "preemption",
+                                            "kv_blocks": None, "kv_usage": None, "trace_id": None, "count": n,
+                                            "source": "engine_counter"})
+            added.add(inst)
+    for inst in added:
+        ev.evict_instance[inst].sort(key=lambda e: e["t"])
+
+
+PREEMPTION_COUNTERS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
+
+
+def _increase(d: float | None, value: float | None) -> int:
+    """A cumulative counter's increase between two scrapes (a drop is a restart: the new value is the increase)."""
+    if d is None or value is None:
+        return 0
+    return int(round(value if d < 0 else d))
 
 
 def _recompute_batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
@@ -369,9 +401,22 @@ def _eviction_rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: dat
            GROUP BY ALL""",
         [ref_start, ref_end],
     )
-    per_min: dict[str, list[int]] = defaultdict(list)
-    for inst, _, n in cur.fetchall():
-        per_min[inst].append(int(n))
+    by_min: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for inst, m, n in cur.fetchall():
+        by_min[inst][int(m)] += int(n)
+    cur = con.execute(
+        f"""SELECT instance, CAST(floor(t / 60) AS BIGINT) AS m, d, value FROM (
+              SELECT service_instance_id AS instance, epoch(time) AS t, value - lag(value) OVER w AS d, value
+              FROM metrics WHERE name IN ({', '.join(repr(n) for n in PREEMPTION_COUNTERS)})
+                AND time >= ? AND time < ? AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
+              WINDOW w AS (PARTITION BY service_instance_id, name ORDER BY time))""",
+        [ref_start, ref_end],
+    )
+    for inst, m, d, value in cur.fetchall():
+        n = _increase(d, value)
+        if n > 0 and inst:
+            by_min[inst][int(m)] += n
+    per_min = {inst: list(v.values()) for inst, v in by_min.items()}
     for inst, counts in per_min.items():
         counts = sorted(counts + [0] * max(0, minutes - len(counts)))
         quiet = counts[: max(1, (3 * len(counts)) // 4)]

@@ -161,6 +161,7 @@ def kv_eviction(rows: list[dict]) -> dict[str, Any]:
     evictions = [r for r in rows if r.get("kind") == "kv_eviction"]
     usage = [r["kv_usage"] for r in evictions if r.get("kv_usage") is not None]
     preempt = sum(int(r.get("kv_preemptions") or 0) for r in rows if r.get("kind") == "preemptions")
+    preempt += sum(int(r.get("preemptions") or 0) for r in rows if r.get("kind") == "preemption_counter")  # engine counters
     drops = [r for r in rows if r.get("kind") == "prefix_cache_drop"]
     summary = (f"{len(evictions)} KV evictions" + (f" at KV usage up to {max(usage):.0%}" if usage else "")
                + (f", {preempt} preemptions" if preempt else "") + (f", {len(drops)} session prefix-cache misses" if drops else "")
