@@ -250,19 +250,40 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             claimed = _union(claimed + intervals)
 
     # --- 2. the backlog a stall left in front of the request ------------------
+    # A stall of d seconds delays every request queued behind it in the same
+    # busy period by up to d: the stall time between the moment the replica's
+    # queue was last empty (q0) and the request's arrival is what the stalls
+    # may claim of its queueing, however long the backlog took to drain.
+    q0 = ev.busy_since.get(key)
     if led.pools["queue"] > 0 and inst:
-        recent = []
-        for cause, stalls, row_fn in stall_sets:
-            for s in stalls:
-                dur = s["b"] - s["a"]
-                gap = t0 - s["b"]
-                if dur > 0 and 0 <= gap <= BACKLOG_FACTOR * dur + 1.0:
-                    recent.append((s["b"], cause, s, row_fn, dur, gap))
-        if recent:
-            _, cause, s, row_fn, dur, gap = max(recent, key=lambda x: x[0])
-            row = row_fn(s, 0.0, "backlog")
-            row["gap_before_request_ms"] = _r(gap * 1000.0)
-            led.claim_pools(cause, ("queue",), dur * 1000.0, [row])
+        if q0 is not None:
+            for cause, stalls, row_fn in stall_sets:
+                parts = [(max(s["a"], q0), min(s["b"], t0), s) for s in stalls if s["b"] > q0 and s["a"] < t0]
+                if not parts:
+                    continue
+                cap = sum(b - a for a, b in _union([(a, b) for a, b, _ in parts])) * 1000.0
+                rows = []
+                for _, b, s in sorted(parts, key=lambda x: -x[1])[:5]:
+                    row = row_fn(s, 0.0, "backlog")
+                    row["gap_before_request_ms"] = _r(max(0.0, t0 - s["b"]) * 1000.0)
+                    row["busy_since"] = iso(from_unix(q0))
+                    rows.append(row)
+                led.claim_pools(cause, ("queue",), cap, rows)
+        else:
+            # no queue telemetry from the replica's other requests: the stall that
+            # ended last, within a few of its lengths (drained at ρ ≲ 0.8)
+            recent = []
+            for cause, stalls, row_fn in stall_sets:
+                for s in stalls:
+                    dur = s["b"] - s["a"]
+                    gap = t0 - s["b"]
+                    if dur > 0 and 0 <= gap <= BACKLOG_FACTOR * dur + 1.0:
+                        recent.append((s["b"], cause, s, row_fn, dur, gap))
+            if recent:
+                _, cause, s, row_fn, dur, gap = max(recent, key=lambda x: x[0])
+                row = row_fn(s, 0.0, "backlog")
+                row["gap_before_request_ms"] = _r(gap * 1000.0)
+                led.claim_pools(cause, ("queue",), dur * 1000.0, [row])
 
     # A problem on this replica explains its queueing only beyond what the other
     # replicas' queues show at the same time (a surge queues them all alike).
@@ -290,10 +311,11 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
             led.claim_pools("kv_eviction", ("prefill",) + other, math.inf, rows)
         elif comp["queue"] and led.pools["queue"] > 0:
-            # The squeeze ended shortly before the request: the queue it built (fewer
+            # The squeeze ended before the request: the queue it built (fewer
             # sequences fit, recomputes) still drains in front of it, on this replica only.
             q_s = comp["queue"] / 1000.0
-            before = _kv_pressure(ev, inst, req["trace_id"], t0 - KV_BACKLOG_S - q_s, t0)
+            since = q0 if q0 is not None else t0 - KV_BACKLOG_S - q_s
+            before = _kv_pressure(ev, inst, req["trace_id"], since, t0)
             if before:
                 rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=sum(int(e.get("count") or 1) for e in before),
                              gap_before_request_ms=_r((t0 - before[-1]["t"]) * 1000.0), via="backlog")]
@@ -315,6 +337,15 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
     if foreign:
         led.claim_pools("gpu_contention", compute_pools, math.inf, foreign)
         led.claim_pools("gpu_contention", ("queue",), queue_cap, foreign[:1])
+    if q0 is not None and q0 < t0 and led.pools["queue"] > 0:
+        # The GPU was degraded while the backlog the request met was building.
+        back = None if throttle else _throttle(ev, host, gpu, q0, t0)
+        if back:
+            led.claim_pools("gpu_throttle", ("queue",), queue_cap,
+                            [dict(back[1][0], via="backlog", busy_since=iso(from_unix(q0)))])
+        back_f = [] if foreign else _foreign(ev, host, gpu, req.get("process_pid"), q0, t0)
+        if back_f:
+            led.claim_pools("gpu_contention", ("queue",), queue_cap, [dict(back_f[0], via="backlog", busy_since=iso(from_unix(q0)))])
 
     # --- 5. the batch it ran in, and the batch it queued behind -----------------
     ref_b = ev.batch_ref.get(req.get("service"))
@@ -337,10 +368,19 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
                           "seconds_after_ready": _r(t0 - float(started), 2)}])
 
     # --- 8. saturation: queueing that no culprit explains ---------------------
+    # Arrivals above the service's capacity queue every replica the load is
+    # spread over: where the other replicas queue far less at the same moment,
+    # the rest of this one's queue is local, and saturation does not explain it
+    # (up to twice the peers' queue excess is taken as the same surge, unevenly spread).
     if led.pools["queue"] > 0:
-        sat = _saturation(ev, req.get("service"), t0)
+        sat = _saturation(ev, req.get("service"), t0, q0)
         if sat:
-            led.claim_pools("queue_saturation", ("queue",) + (() if comp["queue"] is not None else ("other",)), math.inf, [sat])
+            sat_cap = math.inf
+            peer = ev.peer_queue_ms(req.get("service"), inst, t0) if comp["queue"] is not None else None
+            if peer is not None:
+                sat_cap = 2.0 * max(0.0, peer - float(req.get("exp_queue_ms") or 0.0))
+                sat = dict(sat, peer_queue_ms=_r(peer))
+            led.claim_pools("queue_saturation", ("queue",) + (() if comp["queue"] is not None else ("other",)), sat_cap, [sat])
 
     # --- 9. a batch that waited long to fill ----------------------------------
     # Last among queue claims: a batch "waits" whenever its members queue, for
@@ -582,14 +622,21 @@ def _provider_row(c: dict, ev: Evidence) -> dict:
             "duration_ms": _r(c.get("duration_ms")), "hour_p50_ms": _r(h.get("p50_ms")), "overall_p50_ms": _r(overall)}
 
 
-def _saturation(ev: Evidence, service: str | None, t0: float) -> dict | None:
+def _saturation(ev: Evidence, service: str | None, t0: float, since: float | None = None) -> dict | None:
+    """Load evidence for the queue a request met: arrivals surged, or outran completions.
+
+    The queue a request meets was built over the last few windows (a surge
+    that just ended still leaves its backlog draining), or, when its
+    replica's busy period is known (``since``), over that whole period: a
+    surge that ended long ago can leave a backlog that drains for as long
+    again. Over a long period the surge is judged on the mean arrival rate
+    (any long stretch has some busy minute).
+    """
     rates = ev.rates.get(service or "")
     if not rates:
         return None
     step = ev.step_s
     w = int(t0 // step)
-    # The queue a request meets was built over the last few windows: a surge
-    # that just ended still leaves its backlog draining.
     recent = [rates.get(i, (0, 0, 0)) for i in range(w - 3, w + 1)]
     arrivals = sum(v[0] for v in recent)
     completions = sum(v[1] for v in recent)
@@ -599,10 +646,16 @@ def _saturation(ev: Evidence, service: str | None, t0: float) -> dict | None:
     now = rates.get(w, (0, 0, 0))
     surge = ref_arr > 0 and max(v[0] for v in recent) >= 1.2 * ref_arr
     building = arrivals > 1.05 * completions and arrivals - completions >= 3
+    busy_rate = None
+    if since is not None and since < (w - 3) * step:
+        period = [rates.get(i, (0, 0, 0))[0] for i in range(int(since // step), w + 1)]
+        busy_rate = sum(period) / len(period)
+        surge = surge or (ref_arr > 0 and busy_rate >= 1.2 * ref_arr)
     if not (surge or building):
         return None
     return {"kind": "load", "window_start": iso(from_unix(w * step)), "arrival_rate_per_s": _r(now[0] / step, 2),
             "completion_rate_per_s": _r(now[1] / step, 2), "normal_arrival_rate_per_s": _r(ref_arr / step, 2),
             "peak_completion_rate_per_s": _r(peak_done / step, 2), "instances": now[2],
             "utilisation": _r(now[0] / peak_done, 2) if peak_done else None,
-            "backlog_growth": int(arrivals - completions)}
+            "backlog_growth": int(arrivals - completions),
+            **({"busy_since": iso(from_unix(since)), "busy_arrival_rate_per_s": _r(busy_rate / step, 2)} if busy_rate is not None else {})}

@@ -10,6 +10,7 @@ never goes back to the store per request.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -18,11 +19,13 @@ from typing import Any, Sequence
 import duckdb
 import pyarrow as pa
 
-from analyzer.requests import REQUEST_PREDICATE
+from analyzer.requests import REQUEST_PREDICATE, STAGES as STAGE_ROLES
 
 # How far before a request a stall on its instance can still be the reason it
 # queued (the backlog a stall leaves takes a while to drain).
 STALL_LOOKBACK_S = 300.0
+# How far back a replica's busy period (its queue never emptying) is traced.
+BUSY_LOOKBACK_S = 3600.0
 GPU_PAD_S = 5.0  # GPU samples are periodic; one just outside the request still describes it
 QUEUE_SLOT_S = 10
 THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
@@ -80,6 +83,8 @@ class Evidence:
     provider_base: dict[tuple[str, str], dict] = field(default_factory=dict)
     rates: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # service -> window -> (arrivals, completions)
     rate_ref: dict[str, dict] = field(default_factory=dict)  # service -> median arrivals, peak completions
+    # (trace, span) of a queued slow request -> when its replica's queue was last empty before it arrived
+    busy_since: dict[tuple[str, str], float] = field(default_factory=dict)
     step_s: int = 60
 
     # --- lookups used by attribution ----------------------------------------
@@ -112,13 +117,18 @@ class Evidence:
         return out
 
 
-def _register(con: duckdb.DuckDBPyConnection, name: str, slow: Sequence[dict[str, Any]]) -> None:
+def _register(con: duckdb.DuckDBPyConnection, name: str, slow: Sequence[dict[str, Any]],
+              since: dict[tuple[str, str], float] | None = None) -> None:
+    """Register the slow requests; ``tq`` is where the look at each one begins (its busy period's start, or t0)."""
     cols = ("trace_id", "span_id", "service", "instance", "host_name", "gpu_index", "batch_id", "session_id")
+    since = since or {}
     table = pa.table(
         {
             **{c: pa.array([r.get(c) for r in slow], type=pa.int64() if c == "gpu_index" else pa.string()) for c in cols},
             "t0": pa.array([float(r["t0"]) for r in slow], type=pa.float64()),
             "t1": pa.array([float(r["t1"]) for r in slow], type=pa.float64()),
+            "tq": pa.array([min(float(r["t0"]), since.get((r["trace_id"], r["span_id"]), math.inf)) for r in slow],
+                           type=pa.float64()),
         }
     )
     con.register(name, table)
@@ -146,16 +156,22 @@ def gather(
         hi_s = max(float(r["t1"]) for r in slow)
         lo, hi = _ts(lo_s), _ts(hi_s)
         _children(con, ev, slow)
-        _stalls(con, ev, lo, hi)
-        _evictions(con, ev, lo, hi)
+        _busy_periods(con, ev, slow)
+        if ev.busy_since:
+            # what slowed a replica while its backlog built is looked for from the busy period's start
+            con.unregister("_slow")
+            _register(con, "_slow", slow, ev.busy_since)
+        lo_busy = _ts(min([lo_s, *ev.busy_since.values()]))
+        _stalls(con, ev, lo_busy, hi)
+        _evictions(con, ev, lo_busy, hi)
         _eviction_rates(con, ev, ref_start, ref_end)
         _sessions(con, ev, lo, hi)
         _batches(con, ev, lo, hi, ref_start, ref_end)
         _recompute_batches(con, ev, lo, hi)
-        _gpu(con, ev, lo, hi, ref_start)
+        _gpu(con, ev, lo_busy, hi, ref_start)
         _providers(con, ev, hi)
         _rates(con, ev, ref_start, hi, step_s)
-        _queue_profile(con, ev, lo, hi)
+        _queue_profile(con, ev, slow)
     finally:
         con.unregister("_slow")
     return ev
@@ -189,6 +205,106 @@ def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[
     cur = con.execute(" UNION ALL ".join(branch for _ in ranges), [x for r in ranges for x in r])
     for row in _rows(cur):
         ev.children[(row["trace_id"], row["parent_span_id"])].append(row)
+
+
+def queue_ms(req: dict[str, Any], children: Sequence[dict[str, Any]]) -> float | None:
+    """A request's time in queue, read as ``_waits_sql`` reads it (None: no queue telemetry)."""
+    q = [float(c.get("duration_ms") or 0.0) for c in children if c.get("role") == "queue"]
+    if q:
+        return sum(q)
+    flat = req.get("time_in_queue_s")
+    if flat is not None:
+        return float(flat) * 1000.0
+    return 0.0 if any(c.get("role") in STAGE_ROLES for c in children) else None
+
+
+def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[str, Any]]) -> None:
+    """For each slow request that queued beyond its class's normal: when its replica's queue was last empty.
+
+    A request waits behind the backlog its replica had when it arrived; that
+    backlog has been building since the replica's queue was last empty (the
+    start of the busy period). Whatever slowed the replica during that busy
+    period (a compile, a weight load, a throttled GPU, a foreign job, a KV
+    squeeze) is why the backlog exists, however long it takes to drain (which
+    depends on the load, so no fixed look-back fits every service). "Empty"
+    is read from the other requests on the same replica: one that arrived
+    and waited no more than twice the service's normal queue time (the
+    median of the class medians) found the queue (about) empty. Traced back
+    at most BUSY_LOOKBACK_S; replicas with no queue telemetry get nothing.
+    """
+    need: list[tuple[dict[str, Any], float]] = []
+    for r in slow:
+        exp = r.get("exp_queue_ms")
+        if not r.get("instance") or exp is None:
+            continue
+        q = queue_ms(r, ev.children.get((r["trace_id"], r["span_id"]), []))
+        if q is not None and q > 2.0 * float(exp) + 1.0:
+            need.append((r, float(exp)))
+    if not need:
+        return
+    per_service: dict[str, list[float]] = defaultdict(list)
+    for r, exp in need:
+        per_service[r.get("service") or ""].append(exp)
+    thr = {s: max(2.0 * sorted(v)[len(v) // 2], 1.0) for s, v in per_service.items()}
+    table = pa.table({
+        "trace_id": [r["trace_id"] for r, _ in need], "span_id": [r["span_id"] for r, _ in need],
+        "instance": [r["instance"] for r, _ in need], "t0": pa.array([float(r["t0"]) for r, _ in need], pa.float64()),
+        "thr": pa.array([thr[r.get("service") or ""] for r, _ in need], pa.float64()),
+    })
+    rng, params = _ranges_sql([(float(r["t0"]) - BUSY_LOOKBACK_S, float(r["t0"])) for r, _ in need])
+    con.register("_busy", table)
+    try:
+        cur = con.execute(
+            f"""WITH q AS ({_waits_sql(rng, "r.service_instance_id IN (SELECT DISTINCT instance FROM _busy)")}),
+               e AS (SELECT q.inst, epoch(q.t) AS a FROM q JOIN (SELECT DISTINCT instance AS inst, thr FROM _busy) t USING (inst)
+                     WHERE q.q <= t.thr)
+               SELECT b.trace_id, b.span_id, b.t0, e.a AS q0, b.instance IN (SELECT inst FROM q WHERE q IS NOT NULL) AS seen
+               FROM _busy b ASOF LEFT JOIN e ON b.instance = e.inst AND b.t0 > e.a""",
+            params + params,
+        )
+        for tid, sid, t0, q0, seen in cur.fetchall():
+            if q0 is not None:
+                ev.busy_since[(tid, sid)] = max(float(q0), float(t0) - BUSY_LOOKBACK_S)
+            elif seen:
+                ev.busy_since[(tid, sid)] = float(t0) - BUSY_LOOKBACK_S
+    finally:
+        con.unregister("_busy")
+
+
+def _ranges_sql(spans: Sequence[tuple[float, float]], col: str = "start_time") -> tuple[str, list[Any]]:
+    """Time ranges (unix s), merged, as an OR of simple range predicates on ``col`` (each prunes row groups)."""
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if len(merged) > 200:  # scattered over a long range: one range (the predicate stays small)
+        merged = [[merged[0][0], max(m[1] for m in merged)]]
+    sql = " OR ".join(f"({col} >= ? AND {col} < ?)" for _ in merged)
+    return sql, [x for a, b in merged for x in (_ts(a), _ts(b))]
+
+
+def _waits_sql(rng: str, scope: str) -> str:
+    """Each request's time in queue (service, inst, t = arrival, q ms), for requests starting in ``rng``.
+
+    Queue stage spans, else vLLM's ``time_in_queue``. A request that has
+    other stage children but no queue span was scheduled at once (0 ms):
+    an instrumentation that emits a queue span only when a request waited
+    reads the same as one that always emits it. ``rng``'s parameters are
+    bound twice (the children are found in the same ranges: a request's
+    queue span, or its first stage when it did not wait, starts at its arrival).
+    """
+    stages = ", ".join(repr(x) for x in STAGE_ROLES)
+    return f"""
+        SELECT r.service_name AS service, r.service_instance_id AS inst, r.start_time AS t,
+            coalesce(k.q, r.time_in_queue_s * 1000.0, CASE WHEN k.n > 0 THEN 0.0 END) AS q
+        FROM spans r LEFT JOIN (
+            SELECT trace_id AS k_trace, parent_span_id AS k_parent, sum(duration_ms) FILTER (WHERE role = 'queue') AS q,
+                count(*) AS n
+            FROM spans WHERE role IN ({stages}) AND parent_span_id IS NOT NULL AND ({rng})
+            GROUP BY ALL) k ON k.k_trace = r.trace_id AND k.k_parent = r.span_id
+        WHERE {REQUEST_PREDICATE} AND ({rng}) AND r.service_instance_id IS NOT NULL AND {scope}"""
 
 
 def _stalls(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
@@ -362,24 +478,19 @@ def _recompute_batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetim
             ev.recompute_compile[cid] = ev.recompute_batch[parent]
 
 
-def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
-    """Per replica and 10 s slot, the median time requests queued (stage spans or vLLM's attribute)."""
+def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[str, Any]]) -> None:
+    """Per replica and 10 s slot, the median time requests queued (see ``_waits_sql``), around the slow requests."""
+    # only the slots around the slow requests (they may be scattered over a day)
+    rng, params = _ranges_sql([((float(r["t0"]) // QUEUE_SLOT_S - 1) * QUEUE_SLOT_S, (float(r["t0"]) // QUEUE_SLOT_S + 2) * QUEUE_SLOT_S)
+                               for r in slow])
     cur = con.execute(
         f"""SELECT service, inst, CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) AS slot, median(q) FROM (
-              SELECT service_name AS service, service_instance_id AS inst, start_time AS t, duration_ms AS q
-              FROM spans WHERE role = 'queue' AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
-                AND service_name IN (SELECT DISTINCT service FROM _slow)
-              UNION ALL
-              SELECT service_name, service_instance_id, start_time, time_in_queue_s * 1000.0
-              FROM spans WHERE {REQUEST_PREDICATE} AND time_in_queue_s IS NOT NULL
-                AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
-                AND service_name IN (SELECT DISTINCT service FROM _slow)
-           ) WHERE inst IS NOT NULL
-             -- only the slots around the slow requests (they may be scattered over a day)
+              {_waits_sql(rng, "r.service_name IN (SELECT DISTINCT service FROM _slow)")}
+           ) WHERE q IS NOT NULL
              AND CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) IN (
                  SELECT DISTINCT CAST(floor(t0 / {QUEUE_SLOT_S}) AS BIGINT) + d FROM _slow, range(-1, 2) r(d))
            GROUP BY ALL""",
-        [lo, hi, lo, hi],
+        params + params,
     )
     for service, inst, slot, q in cur.fetchall():
         ev.queue_profile.setdefault((service or "", int(slot)), {})[inst] = float(q)
@@ -547,7 +658,7 @@ def _gpu(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetim
         f"""WITH slots AS (
               SELECT DISTINCT host_name, gpu_index, slot FROM (
                   SELECT host_name, gpu_index,
-                      unnest(range(CAST(floor((t0 - {GPU_PAD_S}) / 60) AS BIGINT), CAST(floor((t1 + {GPU_PAD_S}) / 60) AS BIGINT) + 1)) AS slot
+                      unnest(range(CAST(floor((tq - {GPU_PAD_S}) / 60) AS BIGINT), CAST(floor((t1 + {GPU_PAD_S}) / 60) AS BIGINT) + 1)) AS slot
                   FROM _slow)
            ),
            m AS (
