@@ -24,7 +24,8 @@ files next to the run, never in the store). Prints one JSON object:
 - ``false_incidents_per_hour_control``: incidents per hour of the control
   scenarios (those with nothing injected).
 
-Usage: ``python benchmarks/accuracy.py [--scenarios control,compile_miss] [--keep DIR]``
+Usage: ``python benchmarks/accuracy.py [--scenarios control,compile_miss] [--keep DIR]``,
+or ``--rescore DIR`` to score the analyzer again on what a ``--keep`` run left.
 """
 
 from __future__ import annotations
@@ -160,6 +161,52 @@ def slow_requests(client: Any, base: str, service: str, start: float, end: float
     return list(seen.values()), ta or tb
 
 
+def rescore(folder: Path, names: list[str], say: Any) -> dict[str, Any]:
+    """Score the analyzer again on a store and truth files a ``--keep`` run left (no lab run).
+
+    The lab's costs are measured CPU time, so two runs never serve the same
+    requests; re-scoring the same kept data is how an analyzer change is
+    compared. Reads the store read-only through :class:`Analyzer` (the
+    API's own code path) with the same queries as the HTTP scoring above.
+    """
+    from analyzer.service import Analyzer
+    from collector.store import Store
+    from tailscope.config import load
+
+    store = Store(folder / "accuracy.duckdb", read_only=True)
+    analyzer = Analyzer(store, load({}, environ={}))
+
+    class Direct:  # the two endpoints the scoring calls, answered in-process
+        def get(self, url: str, params: dict[str, Any]) -> Any:
+            kind = url.rsplit("/", 1)[-1]
+            if kind == "incidents":
+                body = analyzer.incidents(params["service"], params["start"], params["end"])
+            else:
+                body = analyzer.slow_requests(params["service"], params["start"], params["end"], limit=params["limit"])
+            return type("R", (), {"status_code": 200, "json": staticmethod(lambda: body), "text": ""})()
+
+    client = Direct()
+    scores: dict[str, dict[str, Any]] = {}
+    t1 = time.monotonic()
+    try:
+        for name in names:
+            path = folder / "truth" / f"{name}.truth.json"
+            if not path.exists():
+                continue
+            truth = json.loads(path.read_text())
+            start, end = _t(truth["start"]), _t(truth["end"])
+            q_end = max([_t(i["effect_end"]) for i in truth["injections"]] + [end]) + 60
+            inc = client.get("/api/v1/incidents", {"service": truth["service"], "start": start, "end": q_end}).json()
+            slow, truncated = slow_requests(client, "", truth["service"], start, q_end)
+            scores[name] = score(truth, inc["incidents"], slow, truncated=truncated)
+            say(f"rescored {name}")
+    finally:
+        store.close()
+    return {"benchmark": "accuracy", "rescored": str(folder), "overall": overall(scores),
+            "scenarios": {k: {kk: vv for kk, vv in v.items() if kk != "_counts"} for k, v in scores.items()},
+            "wall_s": {"analyzer_queries": round(time.monotonic() - t1, 1)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     from lab.runner import LabConfig, run_scenarios
     from lab.scenarios import CATALOG
@@ -169,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default=None, help="keep the store and truth files in this folder (default: a temp dir)")
     ap.add_argument("--scale", type=float, default=LabConfig.scale, help="virtual seconds per measured CPU second")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ap.add_argument("--rescore", default=None, help="score again the store and truth a --keep run left in this folder (no lab run)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in CATALOG]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(CATALOG)}", file=sys.stderr)
         return 2
+
+    if args.rescore:
+        say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(rescore(Path(args.rescore), names, say), indent=1, default=str))
+        return 0
 
     import httpx
 
