@@ -43,6 +43,7 @@ class Spike:
     threshold: float
     by_slo: bool
     windows: list[int] = field(default_factory=list)
+    tentative: bool = False  # opened by the class-slow share alone: needs the next window to confirm it
 
 
 @dataclass
@@ -91,7 +92,8 @@ def share_baseline(share: list[float], slow: np.ndarray, count: np.ndarray, idx:
     base = robust([share[j] for j in idx])
     if not dispersion:
         return base
-    p = base.median
+    # Pearson's estimate: the counts' squared deviations from their mean rate, over the binomial's
+    p = sum(float(slow[j]) for j in idx) / max(1.0, sum(float(count[j]) for j in idx))
     num = sum((float(slow[j]) - float(count[j]) * p) ** 2 for j in idx)
     den = sum(float(count[j]) * p * (1.0 - p) for j in idx)
     if den > 0:
@@ -124,8 +126,8 @@ def detect(
             so a stall that hits short ones may not move it; the share of
             class-slow requests moves. Either signal opens an incident.
         top: optional, per window, its largest latencies (descending; at least
-            the top 1 %): the p99 opens an incident only when SHARE_MIN_SLOW
-            of them exceed the baseline p99.
+            the top 1 %): the p99 opens an incident only when significantly
+            more than the usual 1 % of the window exceed the baseline p99.
 
     Returns:
         spikes in time order; the loop runs over windows (aggregates), not requests.
@@ -185,13 +187,14 @@ def detect(
             s_open, s_keep = _share_state(float(share[i]), int(slow[i]), int(count[i]), sbase)
         if current is None:
             # The p99 of a window of a few hundred requests is one of its few
-            # largest values: one or two outliers of a heavy tail move it. An
-            # incident makes several requests slower than the usual p99, so
-            # the p99 opens one only with SHARE_MIN_SLOW of them behind it.
-            p99_open = (v > base.open_threshold() and count[i] >= P99_MIN_COUNT
-                        and (top is None or _above(top[i], base.median) >= SHARE_MIN_SLOW))
+            # largest values: two or three outliers of a heavy tail move it.
+            # An incident makes more requests slower than the usual p99 than
+            # the usual 1 % (a binomial count, judged like the share signal),
+            # so the p99 opens one only with that many of them behind it.
+            p99_open = v > base.open_threshold() and count[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= _p99_support(int(count[i])))
             if p99_open or over_slo or s_open:
-                current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i])
+                current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i],
+                                tentative=not (p99_open or over_slo))
                 frozen, sfrozen = base, sbase
             else:
                 normal.append(i)
@@ -201,6 +204,15 @@ def detect(
                 current.windows.append(i)
                 current.peak_p99 = max(current.peak_p99, v)
                 current.by_slo = current.by_slo or over_slo
+                current.tentative = False
+                quiet = []
+            elif current.tentative:
+                # One window's cluster of slow requests that the next window does not
+                # continue is queueing noise (one long request holding a replica's
+                # slots), not an incident: both windows are normal history, so the
+                # dispersion learns such clusters.
+                normal.extend(current.windows + [i])
+                current, frozen = None, None
                 quiet = []
             else:
                 quiet.append(i)
@@ -224,6 +236,12 @@ SHARE_OPEN_RATIO = 2.5
 SHARE_CLOSE_RATIO = 1.5
 SHARE_MIN_SLOW = 5
 SHARE_OPEN_SIGMAS = 5.0
+
+
+def _p99_support(n: int) -> float:
+    """Requests above the usual p99 a window of ``n`` needs before its p99 can open an incident."""
+    usual = 0.01 * n
+    return max(SHARE_MIN_SLOW, usual + SHARE_OPEN_SIGMAS * usual ** 0.5)
 
 
 def _above(top: list[float], threshold: float) -> int:

@@ -135,3 +135,71 @@ def test_preemptions_counted_only_by_the_engine_are_kv_eviction(tmp_path: Path) 
     rec = mine[0]["causes"][0]["recommendation"]
     assert rec["preemptions"] > 0
     assert any(e["kind"] == "preemption_counter" for e in mine[0]["causes"][0]["evidence"])
+
+
+# --- detection: what a window of a few hundred requests can and cannot show -------------
+
+def _windows(n: int, rng: Any, per: int = 250) -> tuple[Any, Any, Any, Any, list[list[float]]]:
+    """Windows of ``per`` lognormal latencies: (t, count, p99, class-slow count, top latencies)."""
+    import numpy as np
+
+    t = np.arange(n, dtype=float) * 60
+    lat = [np.sort(1000 * rng.lognormal(0, 0.6, per))[::-1] for _ in range(n)]
+    p99 = np.array([float(np.quantile(x, 0.99)) for x in lat])
+    count = np.full(n, per)
+    slow = rng.binomial(count, 0.01)
+    return t, count, p99, slow, [list(x[:64]) for x in lat]
+
+
+def test_a_p99_moved_by_a_few_outliers_is_not_an_incident() -> None:
+    """The p99 of 250 requests sits between their 2nd and 3rd largest: three outliers of a heavy
+    tail put it past the threshold. An incident needs significantly more than the usual 1 % of
+    the window above the usual p99."""
+    import numpy as np
+
+    from analyzer.detect import detect
+
+    rng = np.random.default_rng(11)
+    t, count, p99, slow, top = _windows(120, rng)
+    usual = float(np.median(p99))
+    outliers = [8 * usual, 6 * usual, 5 * usual]
+    top[80] = sorted(outliers + top[80][3:], reverse=True)
+    p99[80] = 5.2 * usual
+    assert detect(t, count, p99, step_s=60, slow=slow, top=top) == []
+    # the same p99, with a tenth of the window above the usual p99: an incident
+    top[80] = sorted([3 * usual] * 25 + top[80][25:], reverse=True)
+    assert [(s.first, s.last) for s in detect(t, count, p99, step_s=60, slow=slow, top=top)] == [(80, 80)]
+
+
+def test_a_one_window_cluster_of_slow_requests_needs_the_next_window_to_confirm_it() -> None:
+    """Queueing makes slow requests come in clusters (one long request holding a replica's slots):
+    a single window's cluster that the next window does not continue is noise; two windows are an incident."""
+    import numpy as np
+
+    from analyzer.detect import detect
+
+    rng = np.random.default_rng(12)
+    t, count, p99, slow, top = _windows(120, rng)
+    slow[60] = 16
+    assert detect(t, count, p99, step_s=60, slow=slow, top=top) == []
+    slow[61] = 12
+    assert [(s.first, s.last) for s in detect(t, count, p99, step_s=60, slow=slow, top=top)] == [(60, 61)]
+
+
+def test_clustered_class_slow_counts_widen_the_share_signals_noise_band() -> None:
+    """A history whose slow requests come in clusters (many windows with none, some with several)
+    varies far more than a binomial: a count a binomial would call a 5-sigma spike is within it."""
+    import numpy as np
+
+    from analyzer.detect import detect, share_baseline
+
+    rng = np.random.default_rng(13)
+    t, count, p99, slow, top = _windows(120, rng)
+    slow[:] = np.where(rng.random(120) < 0.25, rng.integers(4, 9, 120), 0)  # clusters of 4-8, a quarter of the windows
+    share = (slow / count).tolist()
+    base = share_baseline(share, slow, count, list(range(60)))
+    assert base.dispersion > 3
+    slow[90:93] = 11
+    assert detect(t, count, p99, step_s=60, slow=slow, top=top) == []
+    slow[90:93] = 40
+    assert [(s.first, s.last) for s in detect(t, count, p99, step_s=60, slow=slow, top=top)] == [(90, 92)]
