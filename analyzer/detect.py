@@ -30,6 +30,7 @@ CLOSE_RATIO = 1.2
 CLOSE_AFTER = 2  # consecutive normal windows before an incident closes (one dip does not split it)
 SCALE_FLOOR = 0.05  # of the median: p99s of very regular traffic still get some slack
 DAY_S = 86_400
+COARSE = 10  # fine windows per window of the share signal's second, coarser look (see _coarse_share_spikes)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Spike:
     by_slo: bool
     windows: list[int] = field(default_factory=list)
     tentative: bool = False  # opened by the class-slow share alone: needs the next window to confirm it
+    share_base: float = 0.0  # the share of class-slow requests it was judged against
 
 
 @dataclass
@@ -111,6 +113,7 @@ def detect(
     min_count: int = MIN_COUNT,
     slow: np.ndarray | None = None,
     top: list[list[float]] | None = None,
+    coarse: int = COARSE,
 ) -> list[Spike]:
     """Find spikes in one service's window series.
 
@@ -128,6 +131,8 @@ def detect(
         top: optional, per window, its largest latencies (descending; at least
             the top 1 %): the p99 opens an incident only when significantly
             more than the usual 1 % of the window exceed the baseline p99.
+        coarse: the share signal is also judged on windows this many times
+            wider (``_coarse_share_spikes``); 1 turns that off.
 
     Returns:
         spikes in time order; the loop runs over windows (aggregates), not requests.
@@ -145,6 +150,7 @@ def detect(
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
+    unconfirmed: list[int] = []  # windows whose share opened an incident the next window did not confirm
     quiet: list[int] = []
     current: Spike | None = None
     frozen: Baseline | None = None
@@ -194,7 +200,7 @@ def detect(
             p99_open = v > base.open_threshold() and count[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= _p99_support(int(count[i])))
             if p99_open or over_slo or s_open:
                 current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i],
-                                tentative=not (p99_open or over_slo))
+                                tentative=not (p99_open or over_slo), share_base=sbase.median if sbase else 0.0)
                 frozen, sfrozen = base, sbase
             else:
                 normal.append(i)
@@ -212,6 +218,7 @@ def detect(
                 # slots), not an incident: both windows are normal history, so the
                 # dispersion learns such clusters.
                 normal.extend(current.windows + [i])
+                unconfirmed.append(current.first)
                 current, frozen = None, None
                 quiet = []
             else:
@@ -227,7 +234,65 @@ def detect(
         by_hour.setdefault(int(hour[i]), []).append(i)
     if current is not None:
         spikes.append(current)
+    if slow is not None and coarse > 1 and unconfirmed:
+        wide = _coarse_share_spikes(t, count, slow, step_s, coarse, min_count)
+        spikes = _merge_coarse(spikes, wide, unconfirmed, t, count, slow, p99, valid)
     return spikes
+
+
+def _coarse_share_spikes(t: np.ndarray, count: np.ndarray, slow: np.ndarray, step_s: int, k: int,
+                         min_count: int) -> list[tuple[float, float, float]]:
+    """The share signal over windows ``k`` times wider: (start, end seconds, baseline share) of its spikes.
+
+    A problem that raises the share of class-slow requests moderately but
+    in clusters (a KV squeeze preempting a few requests at a time) may put
+    no two consecutive fine windows over the threshold, while every wider
+    window is clearly above normal; one long request's cluster, on the
+    other hand, is diluted in a wide window. Same rules (history, dispersion,
+    confirmation by the next window), the p99 signal left out.
+    """
+    span = step_s * k
+    key = (t // span).astype(np.int64)
+    uniq, inv = np.unique(key, return_inverse=True)
+    c_count = np.bincount(inv, weights=count).astype(np.int64)
+    c_slow = np.bincount(inv, weights=slow).astype(np.int64)
+    ct = uniq.astype(np.float64) * span
+    found = detect(ct, c_count, np.zeros(len(ct)), step_s=span, min_count=min_count * k, slow=c_slow, coarse=1)
+    return [(float(ct[sp.first]), float(ct[sp.last]) + span, sp.share_base) for sp in found]
+
+
+def _merge_coarse(spikes: list[Spike], wide: list[tuple[float, float, float]], unconfirmed: list[int], t: np.ndarray,
+                  count: np.ndarray, slow: np.ndarray, p99: np.ndarray, valid: np.ndarray) -> list[Spike]:
+    """Add the coarse look's spikes that confirm fine windows nothing else confirmed.
+
+    Each is cut down to its fine windows whose share is elevated (a wide
+    window's edges are not the problem's), and kept only if it contains a
+    window whose share opened an incident that the next window did not
+    confirm: the coarse look rescues intermittent evidence, it does not
+    open incidents on a slow drift by itself. Runs that touch merge.
+    """
+    runs = list(spikes)
+    for a, b, p in wide:
+        hot = [int(j) for j in np.flatnonzero((t >= a) & (t < b) & valid)
+               if slow[j] >= 2 and slow[j] >= SHARE_CLOSE_RATIO * max(p, 1.0 / max(int(count[j]), 1)) * count[j]]
+        if not hot or not any(hot[0] <= u <= hot[-1] for u in unconfirmed):
+            continue
+        idx = [int(j) for j in np.flatnonzero(valid) if hot[0] <= j <= hot[-1]]
+        before = [float(p99[j]) for j in np.flatnonzero(valid[: idx[0]])[-HISTORY_WINDOWS:]] or [float(p99[idx[0]])]
+        base = robust(before)
+        runs.append(Spike(idx[0], idx[-1], max(float(p99[j]) for j in idx), base.median, base.open_threshold(), False, idx))
+    runs.sort(key=lambda sp: sp.first)
+    out: list[Spike] = []
+    for sp in runs:
+        if out and sp.first <= out[-1].last + 1:
+            last = out[-1]
+            last.windows = sorted(set(last.windows) | set(sp.windows))
+            last.last = max(last.last, sp.last)
+            last.peak_p99 = max(last.peak_p99, sp.peak_p99)
+            last.by_slo = last.by_slo or sp.by_slo
+        else:
+            out.append(sp)
+    return out
 
 
 # A share of class-slow requests is a (overdispersed) binomial proportion: its

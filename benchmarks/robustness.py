@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from analyzer.requests import REQUEST_PREDICATE  # noqa: E402
 from benchmarks.accuracy import score  # noqa: E402
 from serving_sim import Case, Injection as I, build, write  # noqa: E402
 
@@ -214,6 +215,12 @@ def run_case(case: Case, folder: Path, keep: bool, rescore: bool = False) -> dic
     epoch0 = (T0 - __import__("datetime").datetime(1970, 1, 1)).total_seconds()
     q_start = epoch0
     q_end = epoch0 + case.duration + 600
+    for inj in truth["injections"]:
+        # how many requests arrived while it acted: an injection is visible only when it made
+        # clearly more of them slow than the ~1 % ordinary noise does
+        inj["requests_in_window"] = int(store.cursor().execute(
+            f"SELECT count(*) FROM spans WHERE {REQUEST_PREDICATE} AND service_name = ? AND start_time >= ? AND start_time < ?",
+            [case.service, _naive(inj["start"]), _naive(inj["effect_end"])]).fetchall()[0][0])
     analyzer = Analyzer(store)
     t1 = time.perf_counter()
     incidents = analyzer.incidents(case.service, q_start, q_end)["incidents"]
@@ -231,8 +238,8 @@ def run_case(case: Case, folder: Path, keep: bool, rescore: bool = False) -> dic
     out = {
         "case": case.name, "observable": observable, "requests": truth["n_requests"],
         "service": case.service, "replicas": case.replicas, "rps": case.rps, "hours": case.hours, "telemetry": case.telemetry,
-        "injections": [{k: i[k] for k in ("cause", "instance", "start", "end", "effect_end", "labelled_slow", "magnitude")}
-                       for i in truth["injections"]],
+        "injections": [{k: i[k] for k in ("cause", "instance", "start", "end", "effect_end", "labelled_slow", "magnitude",
+                                          "requests_in_window")} for i in truth["injections"]],
         "incidents": [{"start": x["start"], "end": x["end"], "slow_requests": x.get("slow_requests"),
                        "causes": [(c["cause"], c["share"]) for c in x.get("causes", [])[:3]]} for x in incidents],
         "score": {k: v for k, v in s.items() if k not in ("_counts", "by_cause")},
@@ -249,6 +256,17 @@ def run_case(case: Case, folder: Path, keep: bool, rescore: bool = False) -> dic
 
 
 MIN_LABELLED = 20  # an injection that made fewer requests slow is below what any detector should be asked to find
+MIN_LABELLED_SHARE = 0.02  # ... or fewer than 2 % of the requests that arrived while it acted (ordinary noise flags ~1 %)
+
+
+def _naive(text: str) -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def visible(inj: dict[str, Any]) -> bool:
+    return inj["labelled_slow"] >= max(MIN_LABELLED, MIN_LABELLED_SHARE * inj.get("requests_in_window", 0))
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -263,7 +281,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         return round(sum(r["_counts"]["right"] for r in rs) / both, 4) if both else None
 
     inj = [(r["case"], i, p) for r in obs for i, p in zip(r["injections"], r["score"]["per_injection"])]
-    visible = [(c, i, p) for c, i, p in inj if i["labelled_slow"] >= MIN_LABELLED]
+    seen = [(c, i, p) for c, i, p in inj if visible(i)]
+    by_mag: dict[str, list[bool]] = {}
+    for _, i, p in inj:
+        band = "1.3" if i["magnitude"] < 1.6 else "2-3" if i["magnitude"] <= 3 else "4-5" if i["magnitude"] <= 5 else "10-20"
+        by_mag.setdefault(band, []).append(p["top_cause_right"])
     both = sum(r["_counts"]["both"] for r in obs if r["injections"])
     unknown = sum(r["_counts"]["unknown"] for r in obs if r["injections"])
     labelled = sum(r["score"]["labelled_slow"] for r in obs if r["injections"])
@@ -274,7 +296,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     for c, i, p in inj:
         if not p["top_cause_right"]:
             failures.append({"case": c, "cause": i["cause"], "labelled_slow": i["labelled_slow"], "magnitude": i["magnitude"],
-                             "found_top_causes": p["found_top_causes"]})
+                             "visible": visible(i), "found_top_causes": p["found_top_causes"]})
     for r in results:
         if r["_counts"]["false"]:
             failures.append({"case": r["case"], "false_incidents": r["_counts"]["false"],
@@ -287,9 +309,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "cases": len(results), "observable_injected_cases": len([r for r in obs if r["injections"]]),
         "incident_recall": round(sum(p["top_cause_right"] for _, _, p in inj) / len(inj), 4) if inj else None,
-        "incident_recall_visible": round(sum(p["top_cause_right"] for _, _, p in visible) / len(visible), 4) if visible else None,
+        "incident_recall_visible": round(sum(p["top_cause_right"] for _, _, p in seen) / len(seen), 4) if seen else None,
+        "incident_recall_by_magnitude": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_mag.items())},
         "incident_recall_any_cause": round(sum(p["detected"] for _, _, p in inj) / len(inj), 4) if inj else None,
-        "injections": len(inj), "injections_visible": len(visible),
+        "injections": len(inj), "injections_visible": len(seen),
         "false_incidents": false, "false_incidents_per_hour": round(false / clean_h, 4) if clean_h else None,
         "control_incidents": sum(r["score"]["incidents"] for r in controls),
         "top1_single_cause": top1(single), "top1_mixed": top1(mixed),

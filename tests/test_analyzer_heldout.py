@@ -203,3 +203,24 @@ def test_clustered_class_slow_counts_widen_the_share_signals_noise_band() -> Non
     assert detect(t, count, p99, step_s=60, slow=slow, top=top) == []
     slow[90:93] = 40
     assert [(s.first, s.last) for s in detect(t, count, p99, step_s=60, slow=slow, top=top)] == [(90, 92)]
+
+
+def test_intermittent_clusters_over_an_hour_are_one_incident_at_the_coarser_look() -> None:
+    """A squeeze that preempts a few requests at a time makes one-window clusters every few windows
+    for an hour: no two consecutive windows confirm, but ten-window windows are clearly above normal,
+    so it is one incident over the windows that show it. Isolated clusters far apart stay noise."""
+    import numpy as np
+
+    from analyzer.detect import detect
+
+    rng = np.random.default_rng(14)
+    t, count, p99, slow, top = _windows(400, rng)
+    slow[300:360] += rng.binomial(count[300:360], 0.01)  # twice the usual share, and a cluster every fourth window
+    slow[300:360:4] = 14
+    assert detect(t, count, p99, step_s=60, slow=slow, top=top, coarse=1) == []  # no two consecutive windows confirm
+    spikes = detect(t, count, p99, step_s=60, slow=slow, top=top)
+    assert len(spikes) == 1 and 295 <= spikes[0].first <= 300 and 350 <= spikes[0].last <= 360, [(s.first, s.last) for s in spikes]
+    quiet = rng.binomial(count, 0.01)
+    for j in (100, 220, 340):  # the same clusters, an hour or two apart
+        quiet[j] = 14
+    assert detect(t, count, p99, step_s=60, slow=quiet, top=top) == []
