@@ -31,6 +31,7 @@ from analyzer.detect import DAY_S, detect
 from analyzer.evidence import Evidence, gather
 from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
 from analyzer.timeutil import TimeLike, from_unix, iso, to_utc_naive, unix
+from tailscope.causes import CAUSES
 from tailscope.config import parse_slo
 from tailscope.errors import BadRequest, NotFound
 
@@ -61,6 +62,68 @@ def _merge(spans: list[Span]) -> list[Span]:
 
 
 MIN_RUN = 2  # windows a cause must dominate before an incident is split at it
+PARALLEL_SHARE = 0.2  # a cause of a side-by-side split explains at least this share of the run's attributed excess
+HOME_SHARE = 0.8  # its home replicas hold at least this share of its excess
+
+
+def _home(excess_by_instance: dict[str, float]) -> set[str]:
+    """The fewest instances that hold HOME_SHARE of a cause's excess (largest first)."""
+    total = sum(excess_by_instance.values())
+    out: set[str] = set()
+    acc = 0.0
+    for inst, ms in sorted(excess_by_instance.items(), key=lambda kv: -kv[1]):
+        out.add(inst)
+        acc += ms
+        if acc >= HOME_SHARE * total:
+            break
+    return out
+
+
+def _side_by_side(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]] | None:
+    """Two problems on different replicas at the same time: one incident each, side by side (None: not that).
+
+    Causes that each explain PARALLEL_SHARE of the run's attributed excess,
+    each on its own replicas (their home instances do not overlap), are
+    independent problems with their own fixes; splitting them in time does
+    not separate them when they overlap (the dominant cause flips from
+    window to window). Each gets the requests on its home instances (the
+    largest also those on no cause's), over the windows where it claims
+    excess. A service-wide cause (a surge) has every replica as its home, so
+    a local problem during it is split in time instead, as before.
+    """
+    per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in results:
+        for c in r["causes"]:
+            if c["cause"] != "unknown":
+                per[c["cause"]][r.get("instance") or ""] += c["excess_ms"] or 0.0
+    total = sum(sum(v.values()) for v in per.values())
+    main = sorted((c for c, v in per.items() if total > 0 and sum(v.values()) >= PARALLEL_SHARE * total),
+                  key=lambda c: -sum(per[c].values()))
+    if len(main) < 2:
+        return None
+    homes = {c: _home(per[c]) for c in main}
+    if any(homes[a] & homes[b] for i, a in enumerate(main) for b in main[i + 1:]):
+        return None
+    step, windows = sp["_step"], sp["_windows"]
+    claimed = set().union(*homes.values())
+    out = []
+    for k, cause in enumerate(main):
+        mine = [r for r in results if (r.get("instance") or "") in homes[cause] or (k == 0 and (r.get("instance") or "") not in claimed)]
+        hit = {(unix(to_utc_naive(r["start"])) // step) * step for r in mine for c in r["causes"] if c["cause"] == cause}
+        idx = [i for i, w in enumerate(windows) if w[0] in hit] or list(range(len(windows)))
+        i0, i1 = idx[0], idx[-1]
+        a, b = windows[i0][0], windows[i1][0] + step
+        sub = dict(sp)
+        sub.update({
+            "id": incident_id(sp["service"], a, None if k == 0 else cause), "start": iso(from_unix(a)), "end": iso(from_unix(b)),
+            "_a": from_unix(a), "_b": from_unix(b),
+            "p99_ms": round(max(w[2] for w in windows[i0:i1 + 1]), 3),
+            "requests": sum(w[1] for w in windows[i0:i1 + 1]),
+            "open": sp["open"] and i1 == len(windows) - 1,
+            "split_from": sp["id"], "side_by_side": True,
+        })
+        out.append((sub, [r for r in mine if sub["start"] <= r["start"] < sub["end"]]))
+    return out
 
 
 def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -70,8 +133,12 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
     one replica, then a throttled GPU on another) are two incidents for the
     person fixing them, each with its own top cause and recommendation. A
     cause must dominate MIN_RUN windows to start its own incident; windows
-    dominated by ``unknown`` never split one.
+    dominated by ``unknown`` never split one. Problems on different replicas
+    are split side by side first (``_side_by_side``).
     """
+    parallel = _side_by_side(sp, results)
+    if parallel is not None:
+        return parallel
     step, windows = sp["_step"], sp["_windows"]
     if len(windows) < 2 * MIN_RUN:
         return [(sp, results)]
@@ -161,9 +228,14 @@ def _p99_from_top(m: int, top: list[float]) -> float | None:
     return lo + (h - f) * (hi - lo)
 
 
-def incident_id(service: str, start_s: float) -> str:
-    """Stable id: the same service and first spiky window always give the same id."""
-    return f"inc-{int(start_s)}-{hashlib.sha1(service.encode()).hexdigest()[:8]}"
+def incident_id(service: str, start_s: float, cause: str | None = None) -> str:
+    """Stable id: the same service and first spiky window always give the same id.
+
+    An incident split side by side from another that starts in the same
+    window (a second problem on other replicas) hashes its cause in too.
+    """
+    key = service if cause is None else f"{service}\x00{cause}"
+    return f"inc-{int(start_s)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -473,8 +545,8 @@ class Analyzer:
         if only is not None:
             m = _ID.match(only)
             at = from_unix(int(m.group(1))) if m else None
-            spikes = [s for s in spikes if s["id"] == only or (at is not None and s["_a"] <= at < s["_b"]
-                                                                and incident_id(s["service"], unix(at)) == only)]
+            spikes = [s for s in spikes if s["id"] == only or (at is not None and s["_a"] <= at < s["_b"] and only in {
+                incident_id(s["service"], unix(at), c) for c in (None, *CAUSES)})]
         if not spikes:
             return {"incidents": []}
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
@@ -506,6 +578,7 @@ class Analyzer:
                 else:
                     inc["examples"] = [r["trace_id"] for r in sub_mine[:5]]
                 out.append(inc)
+        out.sort(key=lambda x: (x["start"], x["service"], x["id"]))
         return {"incidents": out}
 
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,

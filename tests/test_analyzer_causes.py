@@ -238,9 +238,10 @@ def test_mixed_compile_and_throttle(tmp_path: Path) -> None:
         r.decode_ms *= 1410 / 450
         w.mark([r], "gpu_throttle")
     _, incidents, slow = analyse(w, tmp_path)
-    inc = the_incident(incidents)
-    causes = [c["cause"] for c in inc["causes"]]
-    assert {"compile_miss", "gpu_throttle"} <= set(causes[:3]), causes
+    # two problems on two replicas at once: two incidents side by side, each with its own top cause
+    mine = [i for i in incidents if i["service"] == "chat-api" and i["start"] < "2026-11-20T12:21" and i["end"] > "2026-11-20T12:16"]
+    assert {i["causes"][0]["cause"] for i in mine} == {"compile_miss", "gpu_throttle"}, \
+        [(i["start"], i["end"], [c["cause"] for c in i["causes"]]) for i in mine]
     hits = [r for r in slow if w.affected.get(r["trace_id"])]
     good = sum(1 for r in hits if top_cause(r) == w.affected[r["trace_id"]])
     assert len(hits) >= 20 and good / len(hits) >= 0.8, (good, len(hits), by_cause(hits))

@@ -224,3 +224,25 @@ def test_intermittent_clusters_over_an_hour_are_one_incident_at_the_coarser_look
     for j in (100, 220, 340):  # the same clusters, an hour or two apart
         quiet[j] = 14
     assert detect(t, count, p99, step_s=60, slow=quiet, top=top) == []
+
+
+def test_two_problems_on_different_replicas_at_once_are_two_incidents_side_by_side(tmp_path: Path) -> None:
+    """A KV squeeze on one replica and a foreign job on another, over the same minutes: the dominant
+    cause flips from window to window, so splitting in time cut it into a string of pieces (or kept
+    one incident naming one cause). Each is its own incident, with its own top cause, fix and id."""
+    case = Case("two_at_once", replicas=6, rps=10, hours=1.5,
+                injections=[Injection("kv_eviction", 45 * M, 60 * M, 0, 4.0), Injection("gpu_contention", 45 * M, 60 * M, 3, 3.0)],
+                seed=907)
+    sim, incidents, slow = analyse(case, tmp_path)
+    mine = [i for i in incidents if i["start"] < at(60 * M) and i["end"] > at(45 * M)]
+    assert sorted(i["causes"][0]["cause"] for i in mine) == ["gpu_contention", "kv_eviction"], \
+        [(i["start"], i["end"], [(c["cause"], c["share"]) for c in i["causes"]]) for i in mine]
+    assert len({i["id"] for i in mine}) == 2
+    store = Store(tmp_path / f"{case.name}.duckdb")
+    a = Analyzer(store)
+    for inc in mine:
+        one = a.incident(inc["id"])
+        assert one["id"] == inc["id"] and one["causes"][0]["cause"] == inc["causes"][0]["cause"]
+    for cause in ("kv_eviction", "gpu_contention"):
+        acc, got = accuracy(sim, slow, cause)
+        assert acc >= 0.9, got
