@@ -20,12 +20,17 @@ import duckdb
 import pyarrow as pa
 
 from analyzer.requests import REQUEST_PREDICATE, STAGES as STAGE_ROLES
+from analyzer.timeutil import unix
 
 # How far before a request a stall on its instance can still be the reason it
 # queued (the backlog a stall leaves takes a while to drain).
 STALL_LOOKBACK_S = 300.0
-# How far back a replica's busy period (its queue never emptying) is traced.
+# How far back a replica's busy period (its queue never emptying) is traced:
+# first max(an hour, three times the request's own wait), then, for the few
+# whose replica never emptied in that, BUSY_MAX_S.
 BUSY_LOOKBACK_S = 3600.0
+BUSY_MAX_S = 12 * 3600.0
+STALL_MAX_S = 3600.0  # the longest stall (compile, weight load) looked for before a slow request
 GPU_PAD_S = 5.0  # GPU samples are periodic; one just outside the request still describes it
 QUEUE_SLOT_S = 10
 THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
@@ -170,7 +175,7 @@ def gather(
         _recompute_batches(con, ev, lo, hi)
         _gpu(con, ev, lo_busy, hi, ref_start)
         _providers(con, ev, hi)
-        _rates(con, ev, ref_start, hi, step_s)
+        _rates(con, ev, ref_start, hi, step_s, since=lo_busy)
         _queue_profile(con, ev, slow)
     finally:
         con.unregister("_slow")
@@ -230,7 +235,9 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
     is read from the other requests on the same replica: one that arrived
     and waited no more than twice the service's normal queue time (the
     median of the class medians) found the queue (about) empty. Traced back
-    at most BUSY_LOOKBACK_S; replicas with no queue telemetry get nothing.
+    max(BUSY_LOOKBACK_S, 3 x the request's wait), then up to BUSY_MAX_S
+    for those whose replica never emptied in that; replicas with no queue
+    telemetry get nothing.
     """
     need: list[tuple[dict[str, Any], float]] = []
     for r in slow:
@@ -239,36 +246,53 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
             continue
         q = queue_ms(r, ev.children.get((r["trace_id"], r["span_id"]), []))
         if q is not None and q > 2.0 * float(exp) + 1.0:
-            need.append((r, float(exp)))
+            need.append((r, max(BUSY_LOOKBACK_S, 3.0 * q / 1000.0)))
     if not need:
         return
     per_service: dict[str, list[float]] = defaultdict(list)
-    for r, exp in need:
-        per_service[r.get("service") or ""].append(exp)
+    for r, _ in need:
+        per_service[r.get("service") or ""].append(float(r["exp_queue_ms"]))
     thr = {s: max(2.0 * sorted(v)[len(v) // 2], 1.0) for s, v in per_service.items()}
+    # A first look as far back as the request's own wait suggests; the few whose
+    # replica never emptied in it (a backlog of hours) are traced back further.
+    unresolved = _trace_back(con, ev, need, thr)
+    if unresolved:
+        _trace_back(con, ev, [(r, BUSY_MAX_S) for r, lb in unresolved if lb < BUSY_MAX_S], thr)
+
+
+def _trace_back(con: duckdb.DuckDBPyConnection, ev: Evidence, need: Sequence[tuple[dict[str, Any], float]],
+                thr: dict[str, float]) -> list[tuple[dict[str, Any], float]]:
+    """One look back (per request: row, seconds); sets ``busy_since``, returns those that hit the look-back's start."""
+    if not need:
+        return []
     table = pa.table({
         "trace_id": [r["trace_id"] for r, _ in need], "span_id": [r["span_id"] for r, _ in need],
         "instance": [r["instance"] for r, _ in need], "t0": pa.array([float(r["t0"]) for r, _ in need], pa.float64()),
         "thr": pa.array([thr[r.get("service") or ""] for r, _ in need], pa.float64()),
+        "lb": pa.array([float(lb) for _, lb in need], pa.float64()),
     })
-    rng, params = _ranges_sql([(float(r["t0"]) - BUSY_LOOKBACK_S, float(r["t0"])) for r, _ in need])
+    rng, params = _ranges_sql([(float(r["t0"]) - lb, float(r["t0"])) for r, lb in need])
+    rows = {(r["trace_id"], r["span_id"]): (r, lb) for r, lb in need}
+    unresolved = []
     con.register("_busy", table)
     try:
         cur = con.execute(
             f"""WITH q AS ({_waits_sql(rng, "r.service_instance_id IN (SELECT DISTINCT instance FROM _busy)")}),
                e AS (SELECT q.inst, epoch(q.t) AS a FROM q JOIN (SELECT DISTINCT instance AS inst, thr FROM _busy) t USING (inst)
                      WHERE q.q <= t.thr)
-               SELECT b.trace_id, b.span_id, b.t0, e.a AS q0, b.instance IN (SELECT inst FROM q WHERE q IS NOT NULL) AS seen
+               SELECT b.trace_id, b.span_id, b.t0, b.lb, e.a AS q0, b.instance IN (SELECT inst FROM q WHERE q IS NOT NULL) AS seen
                FROM _busy b ASOF LEFT JOIN e ON b.instance = e.inst AND b.t0 > e.a""",
             params + params,
         )
-        for tid, sid, t0, q0, seen in cur.fetchall():
-            if q0 is not None:
-                ev.busy_since[(tid, sid)] = max(float(q0), float(t0) - BUSY_LOOKBACK_S)
+        for tid, sid, t0, lb, q0, seen in cur.fetchall():
+            if q0 is not None and float(q0) >= float(t0) - float(lb):
+                ev.busy_since[(tid, sid)] = float(q0)
             elif seen:
-                ev.busy_since[(tid, sid)] = float(t0) - BUSY_LOOKBACK_S
+                ev.busy_since[(tid, sid)] = float(t0) - float(lb)
+                unresolved.append(rows[(tid, sid)])
     finally:
         con.unregister("_busy")
+    return unresolved
 
 
 def _ranges_sql(spans: Sequence[tuple[float, float]], col: str = "start_time") -> tuple[str, list[Any]]:
@@ -314,10 +338,11 @@ def _stalls(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: date
                 epoch(start_time) AS a, epoch(end_time) AS b, duration_ms,
                 compile_kind, compile_reason, compile_shape, compile_cache, compile_backend, compile_frame
            FROM spans
-           WHERE role IN ('compile', 'model_load') AND start_time >= ? - INTERVAL {int(STALL_LOOKBACK_S)} SECOND
+           WHERE role IN ('compile', 'model_load') AND start_time >= ? - INTERVAL {int(STALL_MAX_S)} SECOND
+             AND end_time >= ? - INTERVAL {int(STALL_LOOKBACK_S)} SECOND
              AND start_time <= ? AND service_instance_id IN (SELECT DISTINCT instance FROM _slow)
            ORDER BY start_time""",
-        [lo, hi],
+        [lo, lo, hi],
     )
     for row in _rows(cur):
         (ev.compiles if row["role"] == "compile" else ev.loads)[row["instance"]].append(row)
@@ -753,8 +778,14 @@ def _providers(con: duckdb.DuckDBPyConnection, ev: Evidence, hi: datetime) -> No
         base["sum_p50"] += float(row["p50_ms"]) * int(row["n"])
 
 
-def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi: datetime, step_s: int) -> None:
-    """Arrivals and completions per window and instance count (for Little's law)."""
+def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi: datetime, step_s: int,
+           since: datetime | None = None) -> None:
+    """Arrivals and completions per window and instance count (for Little's law).
+
+    Fetched from ``since`` when a busy period began before the reference (its
+    surge is read from them); the normal arrival rate is the reference's.
+    """
+    lo = min(ref_start, since) if since is not None else ref_start
     cur = con.execute(
         f"""WITH r AS (
               SELECT service_name AS service, service_instance_id AS inst,
@@ -768,11 +799,12 @@ def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi
            SELECT service, w, coalesce(arrivals, 0) AS arrivals, coalesce(completions, 0) AS completions,
                coalesce(instances, 0) AS instances
            FROM a FULL JOIN c USING (service, w) ORDER BY w""",
-        [ref_start, hi],
+        [lo, hi],
     )
     for service, w, arrivals, completions, instances in cur.fetchall():
         ev.rates.setdefault(service, {})[int(w)] = (int(arrivals), int(completions), int(instances))
+    first = int(unix(ref_start) // step_s)
     for service, rates in ev.rates.items():
-        arr = sorted(v[0] for v in rates.values())
+        arr = sorted(v[0] for w, v in rates.items() if w >= first) or sorted(v[0] for v in rates.values())
         ev.rate_ref[service] = {"median_arrivals": arr[len(arr) // 2] if arr else 0,
                                 "peak_completions": max((v[1] for v in rates.values()), default=0)}

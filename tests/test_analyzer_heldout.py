@@ -246,3 +246,19 @@ def test_two_problems_on_different_replicas_at_once_are_two_incidents_side_by_si
     for cause in ("kv_eviction", "gpu_contention"):
         acc, got = accuracy(sim, slow, cause)
         assert acc >= 0.9, got
+
+
+def test_a_backlog_that_drains_for_hours_is_still_its_surges(tmp_path: Path) -> None:
+    """A surge on a single replica that ran at ρ≈0.55: the backlog it built drains for hours after it
+    ended. Requests queued in that drain are saturation's (the mean arrival rate over the busy period
+    they arrived in is the surge's), however long ago the surge ended: the busy period is traced back
+    further than the first hour when the replica never emptied in it."""
+    case = Case("long_drain", service="support-bot", models=("llama-3.1-70b-instruct",), replicas=1, rps=0.5, hours=6.0,
+                injections=[Injection("queue_saturation", 1 * H, 1.5 * H, None, 5.0)], seed=908)
+    sim, _, _ = analyse(case, tmp_path)
+    a = Analyzer(Store(tmp_path / f"{case.name}.duckdb"))
+    drain = a.slow_requests(case.service, T0 + timedelta(hours=3), T0 + timedelta(hours=4), limit=5000)["requests"]
+    late = labelled(sim, drain, "queue_saturation")
+    assert len(late) >= 20, len(late)
+    got = Counter(top(r) for r in late)
+    assert got["queue_saturation"] >= 0.9 * len(late), got
