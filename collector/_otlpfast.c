@@ -37,6 +37,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 /* results of the internal functions */
 #define ST_OK 0
 #define ST_PY (-1)    /* a Python exception is set (GIL held) */
@@ -470,7 +476,7 @@ static inline int rd_varint(Rd *r, uint64_t *out)
 }
 
 /* 1: a field was read into f; 0: end of message; ST_PUNT: malformed */
-static inline __attribute__((always_inline)) int next_field(Rd *r, Field *f)
+static ALWAYS_INLINE int next_field(Rd *r, Field *f)
 {
     if (r->p >= r->end)
         return 0;
