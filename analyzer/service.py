@@ -675,7 +675,11 @@ class Analyzer:
         spikes = self._spikes(con, service, rng)
         exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
         services = [service] if service else None
-        results, _ = self._explain(con, services, None, Span(*rng), Span(*rng), exclude=exclude, limit=limit)
+        # Comparable requests outside incidents: the range's own; a range that begins inside an
+        # incident (and may lie wholly inside a long one) also gets the hour before that incident,
+        # the normal its own requests are judged against in the incident list.
+        refs = _merge([Span(*rng)] + [Span(s["_a"] - REFERENCE_BEFORE, s["_a"]) for s in spikes if s["_a"] < rng[0]])
+        results, _ = self._explain(con, services, None, Span(*rng), refs, exclude=exclude, limit=limit)
         return {"start": iso(rng[0]), "end": iso(rng[1]), "requests": results}
 
     # --- one trace ----------------------------------------------------------

@@ -262,3 +262,21 @@ def test_a_backlog_that_drains_for_hours_is_still_its_surges(tmp_path: Path) -> 
     assert len(late) >= 20, len(late)
     got = Counter(top(r) for r in late)
     assert got["queue_saturation"] >= 0.9 * len(late), got
+
+
+def test_slow_requests_of_a_range_inside_an_incident_are_judged_against_the_hour_before_it(tmp_path: Path) -> None:
+    """Asked for a range that lies inside a long incident, the slow-request list had no normal
+    requests to compare with (the range minus its incident windows is empty) and returned nothing.
+    The hour before the incident is the normal, as for the incident's own requests."""
+    case = Case("inside", service="support-bot", replicas=2, rps=2, hours=3.0,
+                injections=[Injection("queue_saturation", 1 * H, 1.75 * H, None, 3.0)], seed=909)
+    sim, incidents, _ = analyse(case, tmp_path)
+    assert any(i["start"] <= at(1 * H + 5 * M) and i["end"] >= at(1 * H + 40 * M) for i in incidents)
+    a = Analyzer(Store(tmp_path / f"{case.name}.duckdb"))
+    inside = a.slow_requests(case.service, T0 + timedelta(seconds=1 * H + 20 * M), T0 + timedelta(seconds=1 * H + 35 * M),
+                             limit=5000)["requests"]
+    truth = [j for j in range(sim.n) if sim.slow[j] and 1 * H + 20 * M <= sim.t[j] < 1 * H + 35 * M]
+    assert len(truth) >= 50
+    got = {r["trace_id"] for r in labelled(sim, inside, "queue_saturation")}
+    assert len(got) >= 0.9 * len(truth), (len(got), len(truth))
+    assert Counter(top(r) for r in labelled(sim, inside, "queue_saturation"))["queue_saturation"] >= 0.9 * len(got)
