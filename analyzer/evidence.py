@@ -26,8 +26,9 @@ from analyzer.timeutil import unix
 # queued (the backlog a stall leaves takes a while to drain).
 STALL_LOOKBACK_S = 300.0
 # How far back a replica's busy period (its queue never emptying) is traced:
-# first max(an hour, three times the request's own wait), then, for the few
-# whose replica never emptied in that, BUSY_MAX_S.
+# first max(a minute, three times the request's own wait), then, for those
+# whose replica never emptied in that, an hour, then BUSY_MAX_S.
+BUSY_FIRST_S = 60.0
 BUSY_LOOKBACK_S = 3600.0
 BUSY_MAX_S = 12 * 3600.0
 STALL_MAX_S = 3600.0  # the longest stall (compile, weight load) looked for before a slow request
@@ -176,7 +177,7 @@ def gather(
         _gpu(con, ev, lo_busy, hi, ref_start)
         _providers(con, ev, hi)
         _rates(con, ev, ref_start, hi, step_s, since=lo_busy)
-        _queue_profile(con, ev, slow)
+        _queue_profile(con, ev, lo, hi)
     finally:
         con.unregister("_slow")
     return ev
@@ -213,7 +214,7 @@ def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[
 
 
 def queue_ms(req: dict[str, Any], children: Sequence[dict[str, Any]]) -> float | None:
-    """A request's time in queue, read as ``_waits_sql`` reads it (None: no queue telemetry)."""
+    """A request's time in queue: queue spans, vLLM's attribute, 0 ms with other stages (None: no queue telemetry)."""
     q = [float(c.get("duration_ms") or 0.0) for c in children if c.get("role") == "queue"]
     if q:
         return sum(q)
@@ -235,9 +236,9 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
     is read from the other requests on the same replica: one that arrived
     and waited no more than twice the service's normal queue time (the
     median of the class medians) found the queue (about) empty. Traced back
-    max(BUSY_LOOKBACK_S, 3 x the request's wait), then up to BUSY_MAX_S
-    for those whose replica never emptied in that; replicas with no queue
-    telemetry get nothing.
+    max(1 min, 3 x the request's wait), then an hour, then BUSY_MAX_S for
+    those whose replica never emptied in the shorter look; replicas with no
+    queue telemetry get nothing.
     """
     need: list[tuple[dict[str, Any], float]] = []
     for r in slow:
@@ -246,18 +247,22 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
             continue
         q = queue_ms(r, ev.children.get((r["trace_id"], r["span_id"]), []))
         if q is not None and q > 2.0 * float(exp) + 1.0:
-            need.append((r, max(BUSY_LOOKBACK_S, 3.0 * q / 1000.0)))
+            need.append((r, min(BUSY_MAX_S, max(BUSY_FIRST_S, 3.0 * q / 1000.0))))
     if not need:
         return
     per_service: dict[str, list[float]] = defaultdict(list)
     for r, _ in need:
         per_service[r.get("service") or ""].append(float(r["exp_queue_ms"]))
     thr = {s: max(2.0 * sorted(v)[len(v) // 2], 1.0) for s, v in per_service.items()}
-    # A first look as far back as the request's own wait suggests; the few whose
-    # replica never emptied in it (a backlog of hours) are traced back further.
-    unresolved = _trace_back(con, ev, need, thr)
-    if unresolved:
-        _trace_back(con, ev, [(r, BUSY_MAX_S) for r, lb in unresolved if lb < BUSY_MAX_S], thr)
+    # A first, short look (as far back as the request's own wait suggests): most
+    # replicas emptied moments before. Those that never emptied in it are traced
+    # back further, to an hour, then to BUSY_MAX_S (a backlog that drains for hours).
+    todo = need
+    for further in (BUSY_LOOKBACK_S, BUSY_MAX_S, None):
+        todo = _trace_back(con, ev, todo, thr)
+        if further is None:
+            break
+        todo = [(r, further) for r, lb in todo if lb < further]
 
 
 def _trace_back(con: duckdb.DuckDBPyConnection, ev: Evidence, need: Sequence[tuple[dict[str, Any], float]],
@@ -276,11 +281,25 @@ def _trace_back(con: duckdb.DuckDBPyConnection, ev: Evidence, need: Sequence[tup
     unresolved = []
     con.register("_busy", table)
     try:
+        # An arrival found the queue (about) empty unless it waited longer than the
+        # threshold: its queue span (or vLLM attribute) says so; no queue span with
+        # other stages is 0 ms. Long waits are few, so they are the set looked up.
         cur = con.execute(
-            f"""WITH q AS ({_waits_sql(rng, "r.service_instance_id IN (SELECT DISTINCT instance FROM _busy)")}),
-               e AS (SELECT q.inst, epoch(q.t) AS a FROM q JOIN (SELECT DISTINCT instance AS inst, thr FROM _busy) t USING (inst)
-                     WHERE q.q <= t.thr)
-               SELECT b.trace_id, b.span_id, b.t0, b.lb, e.a AS q0, b.instance IN (SELECT inst FROM q WHERE q IS NOT NULL) AS seen
+            f"""WITH t AS (SELECT DISTINCT instance AS inst, thr FROM _busy),
+               r AS (
+                  SELECT r.trace_id, r.span_id, r.service_instance_id AS inst, epoch(r.start_time) AS a, r.time_in_queue_s
+                  FROM spans r WHERE {REQUEST_PREDICATE} AND ({rng}) AND r.service_instance_id IN (SELECT inst FROM t)
+               ),
+               long AS (
+                  SELECT c.trace_id, c.parent_span_id AS span_id FROM spans c JOIN t ON c.service_instance_id = t.inst
+                  WHERE c.role = 'queue' AND ({rng.replace("start_time", "c.start_time")}) AND c.duration_ms > t.thr
+               ),
+               e AS (
+                  SELECT r.inst, r.a FROM r JOIN t USING (inst)
+                  WHERE coalesce(r.time_in_queue_s * 1000.0 <= t.thr, TRUE)
+                    AND NOT EXISTS (SELECT 1 FROM long WHERE long.trace_id = r.trace_id AND long.span_id = r.span_id)
+               )
+               SELECT b.trace_id, b.span_id, b.t0, b.lb, e.a AS q0, b.instance IN (SELECT inst FROM r) AS seen
                FROM _busy b ASOF LEFT JOIN e ON b.instance = e.inst AND b.t0 > e.a""",
             params + params,
         )
@@ -307,28 +326,6 @@ def _ranges_sql(spans: Sequence[tuple[float, float]], col: str = "start_time") -
         merged = [[merged[0][0], max(m[1] for m in merged)]]
     sql = " OR ".join(f"({col} >= ? AND {col} < ?)" for _ in merged)
     return sql, [x for a, b in merged for x in (_ts(a), _ts(b))]
-
-
-def _waits_sql(rng: str, scope: str) -> str:
-    """Each request's time in queue (service, inst, t = arrival, q ms), for requests starting in ``rng``.
-
-    Queue stage spans, else vLLM's ``time_in_queue``. A request that has
-    other stage children but no queue span was scheduled at once (0 ms):
-    an instrumentation that emits a queue span only when a request waited
-    reads the same as one that always emits it. ``rng``'s parameters are
-    bound twice (the children are found in the same ranges: a request's
-    queue span, or its first stage when it did not wait, starts at its arrival).
-    """
-    stages = ", ".join(repr(x) for x in STAGE_ROLES)
-    return f"""
-        SELECT r.service_name AS service, r.service_instance_id AS inst, r.start_time AS t,
-            coalesce(k.q, r.time_in_queue_s * 1000.0, CASE WHEN k.n > 0 THEN 0.0 END) AS q
-        FROM spans r LEFT JOIN (
-            SELECT trace_id AS k_trace, parent_span_id AS k_parent, sum(duration_ms) FILTER (WHERE role = 'queue') AS q,
-                count(*) AS n
-            FROM spans WHERE role IN ({stages}) AND parent_span_id IS NOT NULL AND ({rng})
-            GROUP BY ALL) k ON k.k_trace = r.trace_id AND k.k_parent = r.span_id
-        WHERE {REQUEST_PREDICATE} AND ({rng}) AND r.service_instance_id IS NOT NULL AND {scope}"""
 
 
 def _stalls(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
@@ -503,22 +500,38 @@ def _recompute_batches(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetim
             ev.recompute_compile[cid] = ev.recompute_batch[parent]
 
 
-def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[str, Any]]) -> None:
-    """Per replica and 10 s slot, the median time requests queued (see ``_waits_sql``), around the slow requests."""
-    # only the slots around the slow requests (they may be scattered over a day)
-    rng, params = _ranges_sql([((float(r["t0"]) // QUEUE_SLOT_S - 1) * QUEUE_SLOT_S, (float(r["t0"]) // QUEUE_SLOT_S + 2) * QUEUE_SLOT_S)
-                               for r in slow])
+def _queue_profile(con: duckdb.DuckDBPyConnection, ev: Evidence, lo: datetime, hi: datetime) -> None:
+    """Per replica and 10 s slot, the median time requests queued, around the slow requests.
+
+    Waits are queue stage spans or vLLM's ``time_in_queue``; a slot's other
+    requests waited 0 ms (see ``requests.ZERO_WHEN_ABSENT``: a queue span is
+    often emitted only when a request waited), so the median is over them all.
+    """
+    slot = f"CAST(floor(epoch(start_time) / {QUEUE_SLOT_S}) AS BIGINT)"
+    near = f"""{slot} IN (SELECT DISTINCT CAST(floor(t0 / {QUEUE_SLOT_S}) AS BIGINT) + d FROM _slow, range(-1, 2) r(d))
+               AND start_time >= ? - INTERVAL 1 MINUTE AND start_time <= ?
+               AND service_name IN (SELECT DISTINCT service FROM _slow) AND service_instance_id IS NOT NULL"""
     cur = con.execute(
-        f"""SELECT service, inst, CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) AS slot, median(q) FROM (
-              {_waits_sql(rng, "r.service_name IN (SELECT DISTINCT service FROM _slow)")}
-           ) WHERE q IS NOT NULL
-             AND CAST(floor(epoch(t) / {QUEUE_SLOT_S}) AS BIGINT) IN (
-                 SELECT DISTINCT CAST(floor(t0 / {QUEUE_SLOT_S}) AS BIGINT) + d FROM _slow, range(-1, 2) r(d))
-           GROUP BY ALL""",
-        params + params,
+        f"""WITH w AS (
+              SELECT service_name AS service, service_instance_id AS inst, {slot} AS slot, duration_ms AS q
+              FROM spans WHERE role = 'queue' AND {near}
+              UNION ALL
+              SELECT service_name, service_instance_id, {slot}, time_in_queue_s * 1000.0
+              FROM spans WHERE {REQUEST_PREDICATE} AND time_in_queue_s IS NOT NULL AND {near}
+           ),
+           n AS (SELECT service_name AS service, service_instance_id AS inst, {slot} AS slot, count(*) AS n
+                 FROM spans WHERE {REQUEST_PREDICATE} AND {near} GROUP BY ALL)
+           SELECT service, inst, slot, n.n, list(w.q ORDER BY w.q) FILTER (WHERE w.q IS NOT NULL)
+           FROM n LEFT JOIN w USING (service, inst, slot) GROUP BY ALL""",
+        [lo, hi, lo, hi, lo, hi],
     )
-    for service, inst, slot, q in cur.fetchall():
-        ev.queue_profile.setdefault((service or "", int(slot)), {})[inst] = float(q)
+    for service, inst, slot, n, waits in cur.fetchall():
+        waits = [float(x) for x in waits or [] if x is not None]
+        every = [0.0] * max(0, int(n) - len(waits)) + waits
+        if every:
+            mid = len(every) // 2
+            med = every[mid] if len(every) % 2 else 0.5 * (every[mid - 1] + every[mid])
+            ev.queue_profile.setdefault((service or "", int(slot)), {})[inst] = med
 
 
 def _eviction_rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, ref_end: datetime) -> None:
