@@ -317,7 +317,7 @@ def attribute(req: dict[str, Any], ev: Evidence) -> dict[str, Any]:
             since = q0 if q0 is not None else t0 - KV_BACKLOG_S - q_s
             before = _kv_pressure(ev, inst, req["trace_id"], since, t0)
             if before:
-                rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=sum(int(e.get("count") or 1) for e in before),
+                rows = [dict(_evict_row(before[-1]), normal_rate_per_s=_r(rate, 4), evictions_before=_n_evictions(before),
                              gap_before_request_ms=_r((t0 - before[-1]["t"]) * 1000.0), via="backlog")]
                 led.claim_pools("kv_eviction", ("queue",), queue_cap, rows)
         lost = _prefix_lost(req, ev.session_prev.get((req["trace_id"], req["span_id"])))
@@ -421,9 +421,14 @@ def _kv_pressure(ev: Evidence, inst: str | None, trace_id: str, a: float, b: flo
         return []
     got = [e for e in ev.evict_instance.get(inst, []) if a <= e["t"] <= b
            and e.get("kv_reason") != "prefix_lru" and e.get("victim") != trace_id]
-    n = sum(int(e.get("count") or 1) for e in got)  # an engine counter's row stands for its increase
+    n = _n_evictions(got)
     expected = ev.evict_ref.get(inst, 0.0) * (b - a)
     return got if n >= 3 and n >= 3 * expected else []
+
+
+def _n_evictions(rows: list[dict]) -> int:
+    """Evictions/preemptions the rows stand for (an engine counter's row: its increase)."""
+    return sum(int(e.get("count") or 1) for e in rows)
 
 
 def _evict_row(e: dict) -> dict:
