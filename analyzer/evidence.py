@@ -258,11 +258,9 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
     # replicas emptied moments before. Those that never emptied in it are traced
     # back further, to an hour, then to BUSY_MAX_S (a backlog that drains for hours).
     todo = need
-    for further in (BUSY_LOOKBACK_S, BUSY_MAX_S, None):
-        todo = _trace_back(con, ev, todo, thr)
-        if further is None:
-            break
-        todo = [(r, further) for r, lb in todo if lb < further]
+    while todo:
+        unresolved = _trace_back(con, ev, todo, thr)
+        todo = [(r, next(x for x in (BUSY_LOOKBACK_S, BUSY_MAX_S) if x > lb)) for r, lb in unresolved if lb < BUSY_MAX_S]
 
 
 def _trace_back(con: duckdb.DuckDBPyConnection, ev: Evidence, need: Sequence[tuple[dict[str, Any], float]],

@@ -280,3 +280,18 @@ def test_slow_requests_of_a_range_inside_an_incident_are_judged_against_the_hour
     got = {r["trace_id"] for r in labelled(sim, inside, "queue_saturation")}
     assert len(got) >= 0.9 * len(truth), (len(got), len(truth))
     assert Counter(top(r) for r in labelled(sim, inside, "queue_saturation"))["queue_saturation"] >= 0.9 * len(got)
+
+
+def test_a_wait_longer_than_twenty_minutes_is_traced_back_past_the_hour(tmp_path: Path) -> None:
+    """The first look back is three times the request's own wait; when that is already more than an
+    hour and the replica never emptied in it, the next look is the longest one (not skipped)."""
+    from analyzer.evidence import BUSY_LOOKBACK_S
+
+    case = Case("very_long_drain", service="support-bot", models=("llama-3.1-70b-instruct",), replicas=1, rps=0.5, hours=6.0,
+                injections=[Injection("queue_saturation", 1 * H, 2 * H, None, 5.0)], seed=910)
+    sim, _, _ = analyse(case, tmp_path)
+    a = Analyzer(Store(tmp_path / f"{case.name}.duckdb"))
+    later = a.slow_requests(case.service, T0 + timedelta(hours=3.5), T0 + timedelta(hours=4), limit=5000)["requests"]
+    waited = [r for r in labelled(sim, later, "queue_saturation") if r["components"]["queue_ms"]["actual"] > BUSY_LOOKBACK_S / 3 * 1000]
+    assert len(waited) >= 10, len(waited)
+    assert all(top(r) == "queue_saturation" for r in waited), Counter(top(r) for r in waited)
