@@ -68,8 +68,6 @@ MODELS: dict[str, tuple[float, float, float]] = {
     "llama-3.1-8b-instruct": (6.0, 0.010, 9.0),
     "llama-3.1-70b-instruct": (22.0, 0.045, 31.0),
     "qwen2.5-32b": (12.0, 0.025, 19.0),
-    "mistral-7b": (5.0, 0.009, 8.0),
-    "bge-reranker": (3.0, 0.004, 0.0),
 }
 MECH = ("compile_miss", "kv_eviction", "batch_contention", "queue_saturation", "provider_load", "gpu_throttle",
         "gpu_contention", "cold_start")
