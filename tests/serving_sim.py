@@ -298,13 +298,8 @@ def pow2(x: int) -> int:
     return 1 << max(4, int(math.ceil(math.log2(max(x, 1)))))
 
 
-def simulate_slots(idx: list[int], arr: np.ndarray, P: np.ndarray, D: np.ndarray, inp: np.ndarray, out: np.ndarray,
-                   model_of: list[str], slots: int, knobs: Knobs, u: np.ndarray, on: set[str]) -> tuple[dict[int, Run], Speed, list[tuple]]:
-    """Serve ``idx`` (sorted by arrival) on one continuous-batching replica.
-
-    ``on``: the mechanisms switched on. Returns each request's run, the
-    replica's final speed profile, and the evictions (time, victim idx, tokens).
-    """
+def replica_speed(knobs: Knobs, on: set[str]) -> Speed:
+    """A replica's speed with the mechanisms ``on``: throttle / contention slow it, a restart stalls it while it loads."""
     speed = Speed()
     for a, b, s, cause in knobs.speed:
         if cause in on:
@@ -312,6 +307,17 @@ def simulate_slots(idx: list[int], arr: np.ndarray, P: np.ndarray, D: np.ndarray
     if "cold_start" in on:
         for a, load in knobs.restart:
             speed.add(a, a + load, 0.0)
+    return speed
+
+
+def simulate_slots(idx: list[int], arr: np.ndarray, P: np.ndarray, D: np.ndarray, inp: np.ndarray, out: np.ndarray,
+                   model_of: list[str], slots: int, knobs: Knobs, u: np.ndarray, on: set[str]) -> tuple[dict[int, Run], Speed, list[tuple]]:
+    """Serve ``idx`` (sorted by arrival) on one continuous-batching replica.
+
+    ``on``: the mechanisms switched on. Returns each request's run, the
+    replica's final speed profile, and the evictions (time, victim idx, tokens).
+    """
+    speed = replica_speed(knobs, on)
     caps: list[tuple[float, int]] = []
     pre_windows = []
     if "kv_eviction" in on:
@@ -413,13 +419,7 @@ def simulate_slots(idx: list[int], arr: np.ndarray, P: np.ndarray, D: np.ndarray
 def simulate_static(idx: list[int], arr: np.ndarray, inp: np.ndarray, out: np.ndarray, model_of: list[str], size: int,
                     fill_s: float, knobs: Knobs, on: set[str], noise: np.ndarray) -> tuple[dict[int, Run], Speed, list[dict]]:
     """Serve ``idx`` on a static batcher: up to ``size`` members, padded to the longest, decoding until the longest ends."""
-    speed = Speed()
-    for a, b, s, cause in knobs.speed:
-        if cause in on:
-            speed.add(a, b, s)
-    if "cold_start" in on:
-        for a, load in knobs.restart:
-            speed.add(a, a + load, 0.0)
+    speed = replica_speed(knobs, on)
     runs: dict[int, Run] = {}
     batches: list[dict] = []
     free = 0.0
