@@ -98,8 +98,12 @@ def share_baseline(share: list[float], slow: np.ndarray, count: np.ndarray, idx:
     p = sum(float(slow[j]) for j in idx) / max(1.0, sum(float(count[j]) for j in idx))
     num = sum((float(slow[j]) - float(count[j]) * p) ** 2 for j in idx)
     den = sum(float(count[j]) * p * (1.0 - p) for j in idx)
-    if den > 0:
-        base.dispersion = min(DISPERSION_MAX, max(1.0, num / den))
+    if den > 0 and len(idx) > 1:
+        # Of independent requests, num / den would be about 1 ± sqrt(2 / (k - 1)) (chi-square
+        # over its degrees of freedom): only the excess beyond two of those counts as clustering,
+        # so a short history's chance scatter does not blunt the signal.
+        noise = 2.0 * (2.0 / (len(idx) - 1)) ** 0.5
+        base.dispersion = min(DISPERSION_MAX, max(1.0, num / den - noise))
     return base
 
 
