@@ -327,7 +327,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--quick", action="store_true", help="a representative third of the cases")
+    ap.add_argument("--quick", action="store_true", help="11 representative cases")
     ap.add_argument("--keep", default=None, help="keep each case's store and truth in this folder")
     ap.add_argument("--rescore", default=None, help="analyse the stores kept in this folder again (no rebuild)")
     ap.add_argument("--quiet", action="store_true")
