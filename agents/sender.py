@@ -339,12 +339,16 @@ class Sender:
                     self.drain(budget_s=max(0.0, self._deadline - time.monotonic()))
                 return
 
+    def _spool_in_memory(self) -> None:
+        """Without the thread: move everything queued and pending to the spool."""
+        while self.items.qsize():
+            self._gather(0.0)
+        self._spool_pending()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Spool what is queued now and wait until the spool is empty; ``True`` when it got there in time."""
         if self._thread is None or not self._thread.is_alive():  # no thread to ask: do it here
-            while self.items.qsize():
-                self._gather(0.0)
-            self._spool_pending()
+            self._spool_in_memory()
             end = time.monotonic() + timeout
             while len(self.spool) and time.monotonic() < end:
                 time.sleep(max(0.0, min(self._next_try - time.monotonic(), end - time.monotonic())))
@@ -362,9 +366,7 @@ class Sender:
         if self._thread is not None:
             self._thread.join(timeout + 2.0)
         else:  # never started: still spool what is in memory
-            while self.items.qsize():
-                self._gather(0.0)
-            self._spool_pending()
+            self._spool_in_memory()
         self.client.close()
 
 

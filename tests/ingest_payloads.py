@@ -126,3 +126,26 @@ def logs_request(records: int = 2) -> ExportLogsServiceRequest:
         r.event_name = "tailscope.kv.eviction"
         r.attributes.extend([kv("tailscope.kv.blocks", 4 + i), kv("tailscope.kv.reason", "capacity")])
     return req
+
+
+def varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf base-128 varint (for hand-built wire bytes)."""
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def mutate(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+    """Apply (position, byte, op) edits — r(eplace), i(nsert), d(elete) — to a body; positions wrap."""
+    b = bytearray(body)
+    for pos, byte, op in edits:
+        pos %= len(b) + 1
+        if op == "r" and pos < len(b):
+            b[pos] = byte
+        elif op == "i":
+            b.insert(pos, byte)
+        elif op == "d" and pos < len(b):
+            del b[pos]
+    return bytes(b)

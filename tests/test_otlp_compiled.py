@@ -42,7 +42,7 @@ from collector.decoded import Decoded
 from collector.otlp import PROTOBUF, decode
 from tailscope.errors import BadPayload
 
-from ingest_payloads import request_spans, set_any_value
+from ingest_payloads import mutate, request_spans, set_any_value, varint
 from test_otlp_properties import MAX_NS, MIN_NS, VALID, attr_key, attr_value, nonzero, resource_attrs, span_spec
 
 pytestmark = pytest.mark.skipif(
@@ -434,16 +434,8 @@ def test_double_text_is_arrows(x: float) -> None:
 # ------------------------------------------------------------------ (c) bytes
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while n >= 0x80:
-        out += bytes([n & 0x7F | 0x80])
-        n >>= 7
-    return out + bytes([n])
-
-
 def _tag(num: int, wt: int) -> bytes:
-    return _varint(num << 3 | wt)
+    return varint(num << 3 | wt)
 
 
 def _rich_body() -> bytes:
@@ -482,27 +474,18 @@ def test_truncated_bodies(body: bytes, cut: int) -> None:
 @given(st.sampled_from(BODIES), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from("rid")),
                                         min_size=1, max_size=6))
 def test_mutated_bodies(body: bytes, edits: list[tuple[int, int, str]]) -> None:
-    b = bytearray(body)
-    for pos, byte, op in edits:
-        pos %= len(b) + 1
-        if op == "r" and pos < len(b):
-            b[pos] = byte
-        elif op == "i":
-            b.insert(pos, byte)
-        elif op == "d" and pos < len(b):
-            del b[pos]
-    assert_same(bytes(b))
+    assert_same(mutate(body, edits))
 
 
 def _field(num: int, wt: int, payload: bytes | int) -> bytes:
     if wt == 0:
-        return _tag(num, 0) + _varint(int(payload))
+        return _tag(num, 0) + varint(int(payload))
     if wt == 1:
         return _tag(num, 1) + struct.pack("<Q", int(payload) & ((1 << 64) - 1))
     if wt == 5:
         return _tag(num, 5) + struct.pack("<I", int(payload) & 0xFFFFFFFF)
     assert isinstance(payload, bytes)
-    return _tag(num, 2) + _varint(len(payload)) + payload
+    return _tag(num, 2) + varint(len(payload)) + payload
 
 
 # wire-level pieces of a span: every field with its right and with wrong wire types
@@ -522,7 +505,7 @@ def _span_bytes(fields: list[tuple[int, int, Any]]) -> bytes:
     out = b""
     for num, wt, payload in fields:
         if wt == 2 and not isinstance(payload, bytes):
-            payload = _varint(payload)
+            payload = varint(payload)
         if wt != 2 and isinstance(payload, bytes):
             payload = int.from_bytes(payload[:8], "little")
         out += _field(num, wt, payload)
@@ -548,7 +531,7 @@ def test_hand_made_wire_encodings(extra: list[tuple[int, int, Any]], outer: list
 
 def _pad(n: int, extra: int) -> bytes:
     """``n`` as a varint padded with ``extra`` redundant bytes (legal up to upb's limits, then not)."""
-    out = bytearray(_varint(n))
+    out = bytearray(varint(n))
     if extra:
         out[-1] |= 0x80
         out += b"\x80" * (extra - 1) + b"\x00"

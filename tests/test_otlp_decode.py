@@ -24,7 +24,7 @@ from collector.otlp import PROTOBUF, JSON, UnsupportedMediaType, decode, decode_
 from collector.otlp_json import to_otlp_json
 from tailscope.errors import BadPayload, PayloadTooLarge
 
-from ingest_payloads import set_any_value
+from ingest_payloads import set_any_value, varint
 
 T0 = 1_763_900_000_000_000_000  # 2025-11-23, ns
 TID = bytes.fromhex("5b8efff798038103d269b633813fc60c")
@@ -512,22 +512,14 @@ def test_unusual_but_valid_attribute_encodings() -> None:
     assert json.loads(rows(d, "spans")[0]["attributes"]) == {"a": 150, "b": 5, "c": 5, "d": None, "e": None}
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while n >= 0x80:
-        out += bytes([n & 0x7F | 0x80])
-        n >>= 7
-    return out + bytes([n])
-
-
 def _nested_blob(depth: int) -> bytes:
     """A KeyValue whose value is ``depth`` arrays inside each other (built by hand:
     upb refuses to build messages this deep)."""
     v = b"\x0a\x04leaf"  # AnyValue{string_value}
     for _ in range(depth):
-        arr = b"\x0a" + _varint(len(v)) + v  # ArrayValue{values}
-        v = b"\x2a" + _varint(len(arr)) + arr  # AnyValue{array_value}
-    return b"\x0a\x04deep\x12" + _varint(len(v)) + v
+        arr = b"\x0a" + varint(len(v)) + v  # ArrayValue{values}
+        v = b"\x2a" + varint(len(arr)) + arr  # AnyValue{array_value}
+    return b"\x0a\x04deep\x12" + varint(len(v)) + v
 
 
 def _nested_json(depth: int) -> str:
@@ -690,7 +682,7 @@ def test_ten_byte_varint_keeps_its_low_64_bits_whatever_the_key_length() -> None
     # the last byte of a 10-byte varint carries bits past 64: protobuf drops them
     for key in (b"k", b"k" * 200):
         value = b"\x18" + bytes([0xFF] * 9 + [0x7F])
-        blob = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(value)) + value
+        blob = b"\x0a" + varint(len(key)) + key + b"\x12" + varint(len(value)) + value
         fast = otlp._REQUEST["traces"].FromString(trace_request([{}]).SerializeToString())
         fast.resource_spans[0].scope_spans[0].spans[0].attributes.append(blob)
         d = decode("traces", fast.SerializeToString(), PROTOBUF)

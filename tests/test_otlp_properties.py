@@ -30,7 +30,7 @@ from collector.otlp import JSON, PROTOBUF, RESOURCE_LIFTER, SPAN_LIFTER, decode,
 from collector.otlp_json import to_otlp_json
 from tailscope.errors import BadPayload, PayloadTooLarge
 
-from ingest_payloads import set_any_value
+from ingest_payloads import mutate, set_any_value
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -187,16 +187,7 @@ VALID = _valid_bodies()
 @FAST
 @given(st.sampled_from(SIGNALS), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from("rid")), min_size=1, max_size=4))
 def test_mutated_protobuf_bodies(signal: str, edits: list[tuple[int, int, str]]) -> None:
-    body = bytearray(VALID[signal])
-    for pos, byte, op in edits:
-        pos %= len(body) + 1
-        if op == "r" and pos < len(body):
-            body[pos] = byte
-        elif op == "i":
-            body.insert(pos, byte)
-        elif op == "d" and pos < len(body):
-            del body[pos]
-    survives(signal, bytes(body), PROTOBUF)
+    survives(signal, mutate(VALID[signal], edits), PROTOBUF)
 
 
 @FAST
