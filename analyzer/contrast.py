@@ -23,19 +23,34 @@ ALPHA = 0.05
 MIN_SLOW = 3
 TOP = 10
 
-DIMENSIONS: dict[str, str] = {
-    "instance": "service_instance_id",
-    "host": "host_name",
-    "gpu": "host_name || '/gpu' || gpu_index::VARCHAR",
-    "model": "model",
-    "shape_len": "shape_len::VARCHAR",
-    "input_len_bucket": "CASE WHEN input_tokens IS NULL THEN NULL ELSE '<=' || CAST(pow(2, ceil(log2(greatest(input_tokens, 1)))) AS BIGINT)::VARCHAR END",
-    "output_len_bucket": "CASE WHEN output_tokens IS NULL THEN NULL ELSE '<=' || CAST(pow(2, ceil(log2(greatest(output_tokens, 1)))) AS BIGINT)::VARCHAR END",
-    "batch_size": "batch_size_::VARCHAR",
-    "priority": "priority",
-    "pool": "pool",
-    "hour_utc": "lpad(hour(start_time)::VARCHAR, 2, '0') || ':00'",
+# Each dimension: the raw key columns it groups by (cheap to hash: ints and
+# the stored strings) and how a group's value is written out. Grouping on
+# raw keys and formatting the few groups afterwards is ~3x cheaper than
+# building a string per request per dimension.
+DIMENSIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "instance": (("service_instance_id",), "service_instance_id"),
+    "host": (("host_name",), "host_name"),
+    "gpu": (("host_name", "gpu_index"), "host_name || '/gpu' || gpu_index::VARCHAR"),
+    "model": (("model",), "model"),
+    "shape_len": (("shape_len",), "shape_len::VARCHAR"),
+    "input_len_bucket": (("in_octave",), "'<=' || CAST(pow(2, in_octave) AS BIGINT)::VARCHAR"),
+    "output_len_bucket": (("out_octave",), "'<=' || CAST(pow(2, out_octave) AS BIGINT)::VARCHAR"),
+    "batch_size": (("batch_size_",), "batch_size_::VARCHAR"),
+    "priority": (("priority",), "priority"),
+    "pool": (("pool",), "pool"),
+    "hour_utc": (("hour_",), "lpad(hour_::VARCHAR, 2, '0') || ':00'"),
 }
+_KEYS = sorted({k for keys, _ in DIMENSIONS.values() for k in keys})
+
+
+def _octave(col: str) -> str:
+    return f"CASE WHEN {col} IS NULL THEN NULL ELSE CAST(ceil(log2(greatest({col}, 1))) AS INTEGER) END"
+
+
+def _grouping_id(keys: Sequence[str]) -> int:
+    """DuckDB's grouping() over _KEYS for a set grouped by ``keys`` (a bit per key not grouped)."""
+    n = len(_KEYS)
+    return sum(1 << (n - 1 - i) for i, k in enumerate(_KEYS) if k not in keys)
 
 
 def _p_value(s: int, S: int, b: int, B: int) -> float:
@@ -49,6 +64,49 @@ def _p_value(s: int, S: int, b: int, B: int) -> float:
     return math.erfc(abs(z) / math.sqrt(2))
 
 
+def counts(
+    con: duckdb.DuckDBPyConnection,
+    service: str,
+    slow: Sequence[tuple[str, str]],
+    start: datetime,
+    end: datetime,
+) -> list[tuple[str, str, int, int]]:
+    """(dimension, value, slow requests, other requests) for every value seen in [start, end): one scan."""
+    con.register("_slowids", pa.table({"trace_id": [s[0] for s in slow], "span_id": [s[1] for s in slow]}))
+    sets = ", ".join("(" + ", ".join(keys) + ")" for keys, _ in DIMENSIONS.values())
+    dim_of = " ".join(f"WHEN {_grouping_id(keys)} THEN '{d}'" for d, (keys, _) in DIMENSIONS.items())
+    value_of = " ".join(f"WHEN '{d}' THEN {fmt}" for d, (_, fmt) in DIMENSIONS.items())
+    try:
+        rows = con.execute(
+            f"""WITH r AS (
+                  SELECT trace_id, span_id, batch_id, service_instance_id, host_name, gpu_index, model, shape_len,
+                      {_octave('input_tokens')} AS in_octave, {_octave('output_tokens')} AS out_octave,
+                      priority, pool, hour(start_time) AS hour_
+                  FROM spans WHERE {REQUEST_PREDICATE} AND service_name = ? AND start_time >= ? AND start_time < ?
+               ),
+               bs AS (
+                  SELECT batch_id, any_value(batch_size) AS batch_size FROM spans
+                  WHERE role = 'batch' AND start_time >= ? - INTERVAL 10 MINUTE AND start_time < ? AND batch_id IS NOT NULL
+                  GROUP BY batch_id
+               ),
+               l AS (
+                  SELECT r.* EXCLUDE (trace_id, span_id, batch_id), b.batch_size AS batch_size_,
+                      (r.trace_id, r.span_id) IN (SELECT trace_id, span_id FROM _slowids) AS slow
+                  FROM r LEFT JOIN bs b USING (batch_id)
+               ),
+               g AS (
+                  SELECT CASE grouping({', '.join(_KEYS)}) {dim_of} END AS dim, {', '.join(_KEYS)},
+                      count(*) FILTER (WHERE slow) AS s, count(*) FILTER (WHERE NOT slow) AS b
+                  FROM l GROUP BY GROUPING SETS ({sets})
+               )
+               SELECT dim, CASE dim {value_of} END AS value, s, b FROM g""",
+            [service, start, end, start, end],
+        ).fetchall()
+    finally:
+        con.unregister("_slowids")
+    return [(d, v, int(n_s), int(n_b)) for d, v, n_s, n_b in rows if v is not None]
+
+
 def contrast(
     con: duckdb.DuckDBPyConnection,
     service: str,
@@ -59,29 +117,7 @@ def contrast(
     """Dimension values over-represented among ``slow`` vs the service's other requests in [start, end)."""
     if not slow:
         return []
-    con.register("_slowids", pa.table({"trace_id": [s[0] for s in slow], "span_id": [s[1] for s in slow]}))
-    try:
-        dims = " UNION ALL ".join(f"SELECT slow, '{d}' AS dim, ({e}) AS value FROM l" for d, e in DIMENSIONS.items())
-        rows = con.execute(
-            f"""WITH r AS (
-                  SELECT * FROM spans WHERE {REQUEST_PREDICATE} AND service_name = ? AND start_time >= ? AND start_time < ?
-               ),
-               bs AS (
-                  SELECT batch_id, any_value(batch_size) AS batch_size FROM spans
-                  WHERE role = 'batch' AND start_time >= ? - INTERVAL 10 MINUTE AND start_time < ? AND batch_id IS NOT NULL
-                  GROUP BY batch_id
-               ),
-               l AS MATERIALIZED (
-                  SELECT r.*, b.batch_size AS batch_size_, (r.trace_id, r.span_id) IN (SELECT trace_id, span_id FROM _slowids) AS slow
-                  FROM r LEFT JOIN bs b USING (batch_id)
-               )
-               SELECT dim, value, count(*) FILTER (WHERE slow) AS s, count(*) FILTER (WHERE NOT slow) AS b
-               FROM ({dims}) d
-               WHERE value IS NOT NULL GROUP BY ALL""",
-            [service, start, end, start, end],
-        ).fetchall()
-    finally:
-        con.unregister("_slowids")
+    rows = counts(con, service, slow, start, end)
     totals: dict[str, tuple[int, int]] = {}
     for dim, _, s, b in rows:
         S, B = totals.get(dim, (0, 0))
