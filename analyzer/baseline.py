@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from analyzer.requests import COMPONENTS, REQUEST_PREDICATE, component_exprs, length_bucket, request_columns, stage_sums_sql
+from analyzer.requests import COMPONENTS, LATENCY_MS, REQUEST_PREDICATE, component_exprs, length_bucket, request_columns, stage_sums_sql
 
 # Why 2.5 spreads: for lognormal latencies (σ 0.5 to 1) it flags roughly the
 # top 1-2 % of a class in steady traffic, so in an incident the flagged set is
@@ -94,11 +94,14 @@ def class_baselines(
     """Per class and level: n, p50/p90 latency and median of each component (Arrow table).
 
     ``ref`` is one range or several (one per incident). At most about
-    ``sample`` requests are used: a hash of the span id picks them, which
-    DuckDB evaluates while scanning (no reservoir to fill), and which picks
-    the same requests every time (stable baselines, stable incident ids).
-    ``components=False`` skips the stage-span join (spike detection needs
-    only the latency thresholds).
+    ``sample`` requests set the latency classes: a hash of the start time
+    picks them, which DuckDB evaluates while scanning (no reservoir to
+    fill; an integer hash, ~5x cheaper than hashing the id strings), and
+    which picks the same requests every time (stable baselines, stable
+    incident ids). Component medians come from every request of a recent
+    slice of each range (:func:`_component_slices`), read with their stage
+    spans. ``components=False`` skips that (spike detection needs only the
+    latency thresholds).
     """
     refs = [ref] if isinstance(ref, Span) else list(ref)
     svc_sql, svc_params = _service_filter(services)
@@ -106,61 +109,116 @@ def class_baselines(
     rng_sql, rng_params = _spans_filter("start_time", refs)
     total = count_requests(con, services, refs)
     keep = 10_000 if total <= sample else max(1, int(10_000 * sample / total))
-    # Sampled by trace, not by span: a request's child stage spans share its
-    # trace id, so the same cheap predicate on the stage-span scan drops the
-    # children of unsampled requests before the (trace, parent) join, which
-    # otherwise probes every child span of the reference range.
-    sample_sql = "TRUE" if keep >= 10_000 else f"hash(trace_id) % 10000 < {keep}"
-    kid_sample = "" if keep >= 10_000 else f" AND hash(c.trace_id) % 10000 < {keep}"
-    comps = ", ".join(f"median({c}_ms) AS {c}_ms" for c in COMPONENTS) if components else "NULL AS _none"
+    sample_sql = "TRUE" if keep >= 10_000 else f"hash(start_time) % 10000 < {keep}"
+    latency_aggs = ("count(*) AS n, quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms, "
+                    "regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b")
+    comp_aggs = ", ".join(f"median({c}_ms) AS {c}_ms" for c in COMPONENTS)
+    lat_sql = " UNION ALL ".join(_per_level(latency_aggs, "ref_rows"))
+    sql = f"""
+    WITH ref_rows AS (
+        SELECT service_name AS service, coalesce(model, '') AS model,
+            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
+            {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms
+        FROM spans
+        WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
+    )
+    {lat_sql}
+    """
+    params = [*rng_params, *svc_params, *ex_params]
+    if components:
+        slices = _component_slices(con, refs, exclude, services, total)
+        slice_sql, slice_params = _spans_filter("start_time", [sl for sl, _ in slices])
+        kid_sql, kid_params = _spans_filter("c.start_time", [Span(sl.start, kids_end) for sl, kids_end in slices])
+        keys = ", ".join(_KEYS)
+        sql = f"""
+        WITH ref_rows AS (
+            SELECT service_name AS service, coalesce(model, '') AS model,
+                {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
+                {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms
+            FROM spans
+            WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
+        ),
+        comp_req AS MATERIALIZED (
+            SELECT {request_columns()},
+                {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob
+            FROM spans
+            WHERE {REQUEST_PREDICATE} AND {slice_sql} AND {svc_sql} AND {ex_sql}
+        ),
+        kids AS ({stage_sums_sql('comp_req', 'AND ' + kid_sql)}),
+        comp_rows AS (
+            SELECT r.service, coalesce(r.model, '') AS model, r.ib, r.ob, r.ob // 2 AS ob2,
+                {component_exprs("r", "k")}
+            FROM comp_req r LEFT JOIN kids k USING (trace_id, span_id)
+        ),
+        lat AS ({lat_sql}),
+        comp AS ({" UNION ALL ".join(_per_level(comp_aggs, "comp_rows"))})
+        SELECT lat.*, {", ".join(f"comp.{c}_ms" for c in COMPONENTS)}
+        FROM lat LEFT JOIN comp ON lat.level = comp.level AND {" AND ".join(f"lat.{k} IS NOT DISTINCT FROM comp.{k}" for k in _KEYS)}
+        """
+        params += [*slice_params, *svc_params, *ex_params, *kid_params]
+    table = con.sql(sql, params=params).to_arrow_table()
+    # The unsampled request count rides along as metadata (callers size work by it).
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"requests": str(total).encode()})
+
+
+def _per_level(aggs: str, rel: str) -> list[str]:
+    """One GROUP BY per class level over ``rel``, keys padded with NULLs to the same columns."""
     selects = []
     for name, keys in _LEVELS:
-        cols = ", ".join(keys)
         pad = ", ".join(
             k if k in keys else ("NULL::VARCHAR" if k in ("service", "model") else "NULL::INTEGER") + f" AS {k}"
             for k in _KEYS
         )
-        selects.append(
-            f"""SELECT '{name}' AS level, {pad}, count(*) AS n,
-                quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms,
-                regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b, {comps}
-            FROM ref_rows GROUP BY {cols}"""
-        )
-    # Component medians need far fewer requests than latency classes, and the
-    # stage-span scan is the expensive part: take them from at most the last
-    # COMPONENT_SLICE of each reference range.
-    # Anchored at each range's last request, not its end: a range asked for
-    # past the end of the data still gets its components from the data.
-    slices = []
+        selects.append(f"SELECT '{name}' AS level, {pad}, {aggs} FROM {rel} GROUP BY {', '.join(keys)}")
+    return selects
+
+
+# Component medians need far fewer requests than latency classes, and the
+# stage-span scan (every child span in the slice's time range, read and
+# probed by (trace, parent)) is the expensive part of a baseline: they come
+# from about COMPONENT_REQUESTS requests, at most the last COMPONENT_SLICE.
+COMPONENT_SLICE = timedelta(hours=2)
+COMPONENT_REQUESTS = 50_000
+COMPONENT_MIN_SLICE = timedelta(minutes=1)
+
+
+def _component_slices(
+    con: duckdb.DuckDBPyConnection,
+    refs: Sequence[Span],
+    exclude: Sequence[tuple[str, datetime, datetime]],
+    services: Sequence[str] | None,
+    total: int,
+) -> list[tuple[Span, datetime]]:
+    """Per reference range, (the slice whose requests give component medians, the end of their child spans' scan).
+
+    A range holding few requests (every lab scenario) gives its last
+    COMPONENT_SLICE, anchored at its last request (a range asked for past
+    the end of the data still gets its components from the data). A busy
+    one gives a slice about COMPONENT_REQUESTS requests long that ends where
+    the first excluded range (the incident) inside it begins: the normal
+    just before the incident, not the backlog draining after it.
+    """
+    svc_sql, svc_params = _service_filter(services)
+    seconds = sum((r.end - r.start).total_seconds() for r in refs) or 1.0
+    busy = total > COMPONENT_REQUESTS
+    length = max(COMPONENT_MIN_SLICE, min(COMPONENT_SLICE, timedelta(seconds=COMPONENT_REQUESTS / len(refs) * seconds / max(total, 1))))
+    out = []
     for r in refs:
         last = con.execute(f"SELECT max(start_time) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
                            [r.start, r.end, *svc_params]).fetchall()[0][0]
         end = min(r.end, last + timedelta(milliseconds=1)) if last is not None else r.end
-        slices.append(Span(max(r.start, end - COMPONENT_SLICE), end))
-    kid_sql, kid_params = _spans_filter("c.start_time", [Span(r.start, r.end + timedelta(hours=1)) for r in slices])
-    slice_sql, slice_params = _spans_filter("start_time", slices)
-    kids_cte = (f"kid_req AS (SELECT trace_id, span_id, start_time, end_time FROM ref_req WHERE {slice_sql}),\n"
-                f"    kids AS ({stage_sums_sql('kid_req', 'AND ' + kid_sql + kid_sample)}),") if components else ""
-    comp_cols = ",\n            " + component_exprs("r", "k") if components else ""
-    kids_join = "LEFT JOIN kids k USING (trace_id, span_id)" if components else ""
-    sql = f"""
-    WITH ref_req AS MATERIALIZED (
-        SELECT {request_columns()},
-            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob
-        FROM spans
-        WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
-    ),
-    {kids_cte}
-    ref_rows AS (
-        SELECT r.service, coalesce(r.model, '') AS model, r.ib, r.ob, r.ob // 2 AS ob2, r.output_tokens, r.latency_ms{comp_cols}
-        FROM ref_req r {kids_join}
-    )
-    {' UNION ALL '.join(selects)}
-    """
-    params = [*rng_params, *svc_params, *ex_params] + (slice_params + kid_params if components else [])
-    table = con.sql(sql, params=params).to_arrow_table()
-    # The unsampled request count rides along as metadata (callers size work by it).
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"requests": str(total).encode()})
+        if busy:
+            inside = [a for svc, a, _ in exclude if r.start + length <= a < end and (not services or svc in services)]
+            end = min(inside, default=end)
+            sl = Span(max(r.start, end - length), end)
+        else:
+            sl = Span(max(r.start, end - COMPONENT_SLICE), end)
+        # Children start before their request ends: scan them up to the slice's last end (a long
+        # request's children with it), not a fixed hour past it.
+        last_end = con.execute(f"SELECT max(end_time) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
+                               [sl.start, sl.end, *svc_params]).fetchall()[0][0]
+        out.append((sl, (last_end if last_end is not None else sl.end) + timedelta(minutes=1)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -233,8 +291,6 @@ def threshold_tables(con: duckdb.DuckDBPyConnection, classes_name: str) -> tuple
     ).to_arrow_table()
     return thr, thr0
 
-
-COMPONENT_SLICE = timedelta(hours=2)
 
 # The per-key threshold uses a representative length for the sparse-tail
 # fallback; the exact check follows on the few rows that pass, so the
