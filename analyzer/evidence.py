@@ -27,10 +27,13 @@ from analyzer.timeutil import unix
 STALL_LOOKBACK_S = 300.0
 # How far back a replica's busy period (its queue never emptying) is traced:
 # first max(a minute, three times the request's own wait), then, for those
-# whose replica never emptied in that, an hour, then BUSY_MAX_S.
+# whose replica never emptied in that, 10 minutes, an hour, then BUSY_MAX_S.
 BUSY_FIRST_S = 60.0
 BUSY_LOOKBACK_S = 3600.0
-BUSY_MAX_S = 12 * 3600.0
+# Each longer look scans every request on the replica over it: a 10-minute step first
+# keeps the common backlog (minutes old) from paying for an hour's scan.
+BUSY_STEPS_S = (600.0, BUSY_LOOKBACK_S, 12 * 3600.0)
+BUSY_MAX_S = BUSY_STEPS_S[-1]
 STALL_MAX_S = 3600.0  # the longest stall (compile, weight load) looked for before a slow request
 GPU_PAD_S = 5.0  # GPU samples are periodic; one just outside the request still describes it
 QUEUE_SLOT_S = 10
@@ -236,7 +239,7 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
     is read from the other requests on the same replica: one that arrived
     and waited no more than twice the service's normal queue time (the
     median of the class medians) found the queue (about) empty. Traced back
-    max(1 min, 3 x the request's wait), then an hour, then BUSY_MAX_S for
+    max(1 min, 3 x the request's wait), then 10 min, an hour, BUSY_MAX_S for
     those whose replica never emptied in the shorter look; replicas with no
     queue telemetry get nothing.
     """
@@ -256,11 +259,11 @@ def _busy_periods(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[d
     thr = {s: max(2.0 * sorted(v)[len(v) // 2], 1.0) for s, v in per_service.items()}
     # A first, short look (as far back as the request's own wait suggests): most
     # replicas emptied moments before. Those that never emptied in it are traced
-    # back further, to an hour, then to BUSY_MAX_S (a backlog that drains for hours).
+    # back further (BUSY_STEPS_S), up to BUSY_MAX_S (a backlog that drains for hours).
     todo = need
     while todo:
         unresolved = _trace_back(con, ev, todo, thr)
-        todo = [(r, next(x for x in (BUSY_LOOKBACK_S, BUSY_MAX_S) if x > lb)) for r, lb in unresolved if lb < BUSY_MAX_S]
+        todo = [(r, next(x for x in BUSY_STEPS_S if x > lb)) for r, lb in unresolved if lb < BUSY_MAX_S]
 
 
 def _trace_back(con: duckdb.DuckDBPyConnection, ev: Evidence, need: Sequence[tuple[dict[str, Any], float]],
