@@ -473,10 +473,11 @@ def _throttle(ev: Evidence, host: str | None, gpu: int | None, t0: float, t1: fl
     low = min(clocks)
     mean = sum(clocks) / len(clocks)
     bits = 0
-    for _, v, _ in ev.gpu_samples(host, gpu, "tailscope.gpu.clock_event_reasons", t0, t1):
+    reasons = ev.gpu_samples(host, gpu, "tailscope.gpu.clock_event_reasons", t0, t1)
+    for _, v, _ in reasons:
         if not math.isnan(v):
             bits |= int(v)
-    has_reasons = bool(ev.gpu_samples(host, gpu, "tailscope.gpu.clock_event_reasons", t0, t1))
+    has_reasons = bool(reasons)
     # The clock must sit well below what this GPU normally runs at (a power-capped
     # H100 at 1410 of 1980 MHz all day is its normal, not a throttle event).
     if low >= 0.85 * normal or (has_reasons and not bits & THROTTLE_BITS):

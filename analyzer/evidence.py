@@ -75,6 +75,12 @@ class Evidence:
     def peer_queue_ms(self, service: str | None, instance: str | None, t: float) -> float | None:
         """Median queue time on the *other* replicas of the service around ``t`` (None without peers)."""
         slot = int(t // QUEUE_SLOT_S)
+        key = (service, instance, slot)
+        if key not in self._peer_memo:  # slow requests crowd into the same few slots and replicas
+            self._peer_memo[key] = self._peer_queue_ms(service, instance, slot)
+        return self._peer_memo[key]
+
+    def _peer_queue_ms(self, service: str | None, instance: str | None, slot: int) -> float | None:
         vals = []
         for k in (slot - 1, slot, slot + 1):
             for inst, q in (self.queue_profile.get((service or "", k)) or {}).items():
@@ -95,6 +101,9 @@ class Evidence:
     # (trace, span) of a queued slow request -> when its replica's queue was last empty before it arrived
     busy_since: dict[tuple[str, str], float] = field(default_factory=dict)
     step_s: int = 60
+    # lookup memos (filled on first use; the evidence does not change once gathered)
+    _peer_memo: dict[tuple, float | None] = field(default_factory=dict, repr=False)
+    _gpu_times: dict[tuple, list[float]] = field(default_factory=dict, repr=False)
 
     # --- lookups used by attribution ----------------------------------------
     def gpu_key(self, host: str | None, gpu: int | None) -> tuple[str, int | None]:
@@ -113,17 +122,17 @@ class Evidence:
         return key
 
     def gpu_samples(self, host: str | None, gpu: int | None, name: str, a: float, b: float) -> list[tuple[float, float, int | None]]:
-        series = self.gpu.get(self.gpu_key(host, gpu))
+        key = self.gpu_key(host, gpu)
+        series = self.gpu.get(key)
         if not series:
             return []
         rows = series.get(name, [])
-        lo = bisect.bisect_left(rows, (a - GPU_PAD_S, float("-inf"), None)) if rows else 0
-        out = []
-        for row in rows[lo:]:
-            if row[0] > b + GPU_PAD_S:
-                break
-            out.append(row)
-        return out
+        if not rows:
+            return []
+        times = self._gpu_times.get((key, name))
+        if times is None or len(times) != len(rows):
+            times = self._gpu_times[(key, name)] = [row[0] for row in rows]
+        return rows[bisect.bisect_left(times, a - GPU_PAD_S):bisect.bisect_right(times, b + GPU_PAD_S)]
 
 
 def _register(con: duckdb.DuckDBPyConnection, name: str, slow: Sequence[dict[str, Any]],

@@ -443,7 +443,7 @@ class Analyzer:
                 refill.append(len(out))
             out.append((s, int(w), int(n), p99 if p99 is not None else float("nan"), int(slow)))
             if tops is not None:
-                tops[(s, int(w))] = [float(x) for x in top or []]
+                tops[(s, int(w))] = top or []  # DOUBLEs: Python floats already
         if refill:
             # Windows busier than the estimate: their exact p99 the plain way.
             exact = {(s, int(w)): float(p) for s, w, p in con.execute(
