@@ -163,8 +163,13 @@ def gather(
     ref_start: datetime,
     ref_end: datetime,
     step_s: int,
+    refs: Sequence[tuple[datetime, datetime]] | None = None,
 ) -> Evidence:
-    """Collect the evidence for ``slow`` (dict rows with t0/t1 unix seconds)."""
+    """Collect the evidence for ``slow`` (dict rows with t0/t1 unix seconds).
+
+    ``refs``: the reference ranges when there are several (incidents hours
+    apart); [ref_start, ref_end] stands for them otherwise.
+    """
     ev = Evidence(step_s=step_s)
     if not slow:
         return ev
@@ -188,7 +193,7 @@ def gather(
         _recompute_batches(con, ev, lo, hi)
         _gpu(con, ev, lo_busy, hi, ref_start)
         _providers(con, ev, hi)
-        _rates(con, ev, ref_start, hi, step_s, since=lo_busy)
+        _rates(con, ev, ref_start, hi, step_s, since=lo_busy, spans=_rate_spans(slow, ev, refs or [(ref_start, ref_end)], hi, step_s))
         _queue_profile(con, ev, lo, hi)
     finally:
         con.unregister("_slow")
@@ -801,20 +806,39 @@ def _providers(con: duckdb.DuckDBPyConnection, ev: Evidence, hi: datetime) -> No
         base["sum_p50"] += float(row["p50_ms"]) * int(row["n"])
 
 
+def _rate_spans(slow: Sequence[dict[str, Any]], ev: Evidence, refs: Sequence[tuple[datetime, datetime]], hi: datetime,
+                step_s: int) -> list[tuple[float, float]]:
+    """The windows the load evidence reads: each reference range up to the last slow request's end, and each
+    slow request's last few windows or busy period (so incidents hours apart do not scan the hours between)."""
+    top = unix(hi) + 1e-6  # the scan is inclusive of ``hi``
+    spans = [(unix(a), min(unix(b), top)) for a, b in refs if a < hi]
+    lowest = min([s for s, _ in spans] + [min(ev.busy_since.get((r["trace_id"], r["span_id"]), math.inf), float(r["t0"])) for r in slow])
+    for r in slow:
+        t0 = float(r["t0"])
+        since = ev.busy_since.get((r["trace_id"], r["span_id"]), t0)
+        first = min(since // step_s, t0 // step_s - 3) * step_s  # its busy period, and the last windows before it
+        spans.append((max(first, lowest), min((t0 // step_s + 1) * step_s, top)))
+    return spans
+
+
 def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi: datetime, step_s: int,
-           since: datetime | None = None) -> None:
+           since: datetime | None = None, spans: Sequence[tuple[float, float]] | None = None) -> None:
     """Arrivals and completions per window and instance count (for Little's law).
 
     Fetched from ``since`` when a busy period began before the reference (its
     surge is read from them); the normal arrival rate is the reference's.
+    With ``spans`` (unix seconds), only requests that started in them.
     """
     lo = min(ref_start, since) if since is not None else ref_start
+    where, params = ("start_time >= ? AND start_time <= ?", [lo, hi])
+    if spans:
+        where, params = _ranges_sql(spans)
     cur = con.execute(
         f"""WITH r AS (
               SELECT service_name AS service, service_instance_id AS inst,
                   CAST(floor(epoch(start_time) / {step_s}) AS BIGINT) AS wa,
                   CAST(floor(epoch(end_time) / {step_s}) AS BIGINT) AS wc
-              FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time <= ?
+              FROM spans WHERE {REQUEST_PREDICATE} AND ({where})
                 AND service_name IN (SELECT DISTINCT service FROM _slow)
            ),
            a AS (SELECT service, wa AS w, count(*) AS arrivals, count(DISTINCT inst) AS instances FROM r GROUP BY ALL),
@@ -822,7 +846,7 @@ def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi
            SELECT service, w, coalesce(arrivals, 0) AS arrivals, coalesce(completions, 0) AS completions,
                coalesce(instances, 0) AS instances
            FROM a FULL JOIN c USING (service, w) ORDER BY w""",
-        [lo, hi],
+        params,
     )
     for service, w, arrivals, completions, instances in cur.fetchall():
         ev.rates.setdefault(service, {})[int(w)] = (int(arrivals), int(completions), int(instances))

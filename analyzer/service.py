@@ -629,7 +629,8 @@ class Analyzer:
         if on_candidates is not None:
             on_candidates(cands)
         refs = [ref] if isinstance(ref, Span) else ref
-        ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s)
+        ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s,
+                    refs=[(r.start, r.end) for r in refs])
         out = []
         for r in cands:
             res = attribute(r, ev)
