@@ -114,30 +114,21 @@ def class_baselines(
                     "regr_intercept(latency_ms, output_tokens) AS reg_a, regr_slope(latency_ms, output_tokens) AS reg_b")
     comp_aggs = ", ".join(f"median({c}_ms) AS {c}_ms" for c in COMPONENTS)
     lat_sql = " UNION ALL ".join(_per_level(latency_aggs, "ref_rows"))
-    sql = f"""
-    WITH ref_rows AS (
+    ref_rows = f"""ref_rows AS (
         SELECT service_name AS service, coalesce(model, '') AS model,
             {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
             {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms
         FROM spans
         WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
-    )
-    {lat_sql}
-    """
+    )"""
+    sql = f"WITH {ref_rows} {lat_sql}"
     params = [*rng_params, *svc_params, *ex_params]
     if components:
         slices = _component_slices(con, refs, exclude, services, total)
         slice_sql, slice_params = _spans_filter("start_time", [sl for sl, _ in slices])
         kid_sql, kid_params = _spans_filter("c.start_time", [Span(sl.start, kids_end) for sl, kids_end in slices])
-        keys = ", ".join(_KEYS)
         sql = f"""
-        WITH ref_rows AS (
-            SELECT service_name AS service, coalesce(model, '') AS model,
-                {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
-                {length_bucket('output_tokens')} // 2 AS ob2, output_tokens, {LATENCY_MS} AS latency_ms
-            FROM spans
-            WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql} AND {ex_sql} AND {sample_sql}
-        ),
+        WITH {ref_rows},
         comp_req AS MATERIALIZED (
             SELECT {request_columns()},
                 {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob
