@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict, defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -236,37 +237,6 @@ def incident_id(service: str, start_s: float, cause: str | None = None) -> str:
     """
     key = service if cause is None else f"{service}\x00{cause}"
     return f"inc-{int(start_s)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-class _Background:
-    """One function run on a daemon thread; ``result()`` waits for it and re-raises its error.
-
-    Not an executor: its worker threads are joined at interpreter exit, so a
-    store read still running when a server stops would hold the process.
-    """
-
-    def __init__(self, fn: Any) -> None:
-        self._done = threading.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(fn,), name="tailscope-analyzer-side", daemon=True).start()
-
-    def _run(self, fn: Any) -> None:
-        try:
-            self._value = fn()
-        except BaseException as exc:  # handed to the caller by result()
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def wait(self) -> None:
-        self._done.wait()
-
-    def result(self) -> Any:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _jsonable(value: Any) -> Any:
@@ -585,34 +555,33 @@ class Analyzer:
         # Each incident's contrast needs only the ids of its explained requests, known
         # before their evidence is gathered: it runs on its own cursor meanwhile (DuckDB
         # releases the GIL; attribution is Python), and is used unless the incident splits.
-        early: dict[int, frozenset] = {}
-        side = self._con()
-        job: _Background | None = None
+        early: dict[int, tuple[frozenset, Future]] = {}
+        pool, side = ThreadPoolExecutor(max_workers=1), self._con()
 
         def start_contrasts(cands: list[dict[str, Any]]) -> None:
-            nonlocal job
             ids: dict[int, list[tuple[str, str]]] = defaultdict(list)
             for r in cands:
                 if r.get("range_idx") is not None:
                     ids[int(r["range_idx"])].append((r["trace_id"], r["span_id"]))
-            todo = [(k, sp, ids[k]) for k, sp in enumerate(spikes) if ids.get(k)]
-            early.update({k: frozenset(mine) for k, _, mine in todo})
-            job = _Background(lambda: {k: contrast(side, sp["service"], mine, sp["_a"] - REFERENCE_BEFORE, sp["_b"])
-                                       for k, sp, mine in todo})
+            for k, sp in enumerate(spikes):
+                if ids.get(k):
+                    early[k] = (frozenset(ids[k]), pool.submit(
+                        contrast, side, sp["service"], ids[k], sp["_a"] - REFERENCE_BEFORE, sp["_b"]))
 
         try:
             results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
                                         Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
                                         refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
                                         per_range=EXPLAIN_PER_INCIDENT, on_candidates=start_contrasts)
-            return self._assemble(con, spikes, results, ev, early, job, detail, only)
+            return self._assemble(con, spikes, results, ev, early, detail, only)
         finally:
-            if job is not None:
-                job.wait()  # the side cursor is closed only once its queries are done
+            for _, fut in early.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
             side.close()
 
     def _assemble(self, con: duckdb.DuckDBPyConnection, spikes: list[dict[str, Any]], results: list[dict[str, Any]], ev: Evidence,
-                  early: dict[int, frozenset], job: "_Background | None", detail: bool, only: str | None) -> dict[str, Any]:
+                  early: dict[int, tuple[frozenset, Future]], detail: bool, only: str | None) -> dict[str, Any]:
         """Incidents from their spikes and explained requests: split, causes, contrast."""
         out = []
         for k, sp in enumerate(spikes):
@@ -631,8 +600,9 @@ class Analyzer:
                 inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in sub_mine), 1)
                 inc["causes"] = self._aggregate(con, sub, sub_mine, ev, weight)
                 slow_ids = [(r["trace_id"], r["span_id"]) for r in sub_mine]
-                if sub is sp and job is not None and early.get(k) == frozenset(slow_ids):
-                    inc["contrast"] = job.result()[k]
+                mine_ids, fut = early.get(k, (None, None))
+                if sub is sp and fut is not None and mine_ids == frozenset(slow_ids):
+                    inc["contrast"] = fut.result()
                 else:
                     inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
                 if detail:
