@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict, defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -552,37 +551,10 @@ class Analyzer:
             return {"incidents": []}
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
         refs = _merge([Span(s["_a"] - REFERENCE_BEFORE, s["_b"] + REFERENCE_AFTER) for s in spikes])
-        # Each incident's contrast needs only the ids of its explained requests, known
-        # before their evidence is gathered: it runs on its own cursor meanwhile (DuckDB
-        # releases the GIL; attribution is Python), and is used unless the incident splits.
-        early: dict[int, tuple[frozenset, Future]] = {}
-        pool, side = ThreadPoolExecutor(max_workers=1), self._con()
-
-        def start_contrasts(cands: list[dict[str, Any]]) -> None:
-            ids: dict[int, list[tuple[str, str]]] = defaultdict(list)
-            for r in cands:
-                if r.get("range_idx") is not None:
-                    ids[int(r["range_idx"])].append((r["trace_id"], r["span_id"]))
-            for k, sp in enumerate(spikes):
-                if ids.get(k):
-                    early[k] = (frozenset(ids[k]), pool.submit(
-                        contrast, side, sp["service"], ids[k], sp["_a"] - REFERENCE_BEFORE, sp["_b"]))
-
-        try:
-            results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
-                                        Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
-                                        refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
-                                        per_range=EXPLAIN_PER_INCIDENT, on_candidates=start_contrasts)
-            return self._assemble(con, spikes, results, ev, early, detail, only)
-        finally:
-            for _, fut in early.values():
-                fut.cancel()
-            pool.shutdown(wait=True)
-            side.close()
-
-    def _assemble(self, con: duckdb.DuckDBPyConnection, spikes: list[dict[str, Any]], results: list[dict[str, Any]], ev: Evidence,
-                  early: dict[int, tuple[frozenset, Future]], detail: bool, only: str | None) -> dict[str, Any]:
-        """Incidents from their spikes and explained requests: split, causes, contrast."""
+        results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
+                                    Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
+                                    refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
+                                    per_range=EXPLAIN_PER_INCIDENT)
         out = []
         for k, sp in enumerate(spikes):
             mine = [r for r in results if r.get("_range") == k]
@@ -600,11 +572,7 @@ class Analyzer:
                 inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in sub_mine), 1)
                 inc["causes"] = self._aggregate(con, sub, sub_mine, ev, weight)
                 slow_ids = [(r["trace_id"], r["span_id"]) for r in sub_mine]
-                mine_ids, fut = early.get(k, (None, None))
-                if sub is sp and fut is not None and mine_ids == frozenset(slow_ids):
-                    inc["contrast"] = fut.result()
-                else:
-                    inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
+                inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
                 if detail:
                     inc["requests_detail"] = sub_mine[:200]
                 else:
@@ -616,7 +584,7 @@ class Analyzer:
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
                  window: Span, ref: Span | list[Span], exclude: Sequence[tuple[str, datetime, datetime]],
                  limit: int | None = None, trace_id: str | None = None,
-                 per_range: int | None = None, on_candidates: Any = None) -> tuple[list[dict[str, Any]], Evidence]:
+                 per_range: int | None = None) -> tuple[list[dict[str, Any]], Evidence]:
         classes = class_baselines(con, services, ref, exclude)
         con.register("_classes", classes)
         try:
@@ -626,8 +594,6 @@ class Analyzer:
             cands = slow_candidates(con, "_classes", services, ranges, window, self.slo, **kwargs)
         finally:
             con.unregister("_classes")
-        if on_candidates is not None:
-            on_candidates(cands)
         refs = [ref] if isinstance(ref, Span) else ref
         ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s,
                     refs=[(r.start, r.end) for r in refs])
