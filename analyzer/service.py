@@ -238,6 +238,37 @@ def incident_id(service: str, start_s: float, cause: str | None = None) -> str:
     return f"inc-{int(start_s)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
+class _Background:
+    """One function run on a daemon thread; ``result()`` waits for it and re-raises its error.
+
+    Not an executor: its worker threads are joined at interpreter exit, so a
+    store read still running when a server stops would hold the process.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn,), name="tailscope-analyzer-side", daemon=True).start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return iso(value)
@@ -551,10 +582,38 @@ class Analyzer:
             return {"incidents": []}
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
         refs = _merge([Span(s["_a"] - REFERENCE_BEFORE, s["_b"] + REFERENCE_AFTER) for s in spikes])
-        results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
-                                    Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
-                                    refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
-                                    per_range=EXPLAIN_PER_INCIDENT)
+        # Each incident's contrast needs only the ids of its explained requests, known
+        # before their evidence is gathered: it runs on its own cursor meanwhile (DuckDB
+        # releases the GIL; attribution is Python), and is used unless the incident splits.
+        early: dict[int, frozenset] = {}
+        side = self._con()
+        job: _Background | None = None
+
+        def start_contrasts(cands: list[dict[str, Any]]) -> None:
+            nonlocal job
+            ids: dict[int, list[tuple[str, str]]] = defaultdict(list)
+            for r in cands:
+                if r.get("range_idx") is not None:
+                    ids[int(r["range_idx"])].append((r["trace_id"], r["span_id"]))
+            todo = [(k, sp, ids[k]) for k, sp in enumerate(spikes) if ids.get(k)]
+            early.update({k: frozenset(mine) for k, _, mine in todo})
+            job = _Background(lambda: {k: contrast(side, sp["service"], mine, sp["_a"] - REFERENCE_BEFORE, sp["_b"])
+                                       for k, sp, mine in todo})
+
+        try:
+            results, ev = self._explain(con, sorted({s["service"] for s in spikes}), ranges,
+                                        Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
+                                        refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
+                                        per_range=EXPLAIN_PER_INCIDENT, on_candidates=start_contrasts)
+            return self._assemble(con, spikes, results, ev, early, job, detail, only)
+        finally:
+            if job is not None:
+                job.wait()  # the side cursor is closed only once its queries are done
+            side.close()
+
+    def _assemble(self, con: duckdb.DuckDBPyConnection, spikes: list[dict[str, Any]], results: list[dict[str, Any]], ev: Evidence,
+                  early: dict[int, frozenset], job: "_Background | None", detail: bool, only: str | None) -> dict[str, Any]:
+        """Incidents from their spikes and explained requests: split, causes, contrast."""
         out = []
         for k, sp in enumerate(spikes):
             mine = [r for r in results if r.get("_range") == k]
@@ -572,7 +631,10 @@ class Analyzer:
                 inc["excess_ms"] = round(weight * sum(r["excess_ms"] or 0.0 for r in sub_mine), 1)
                 inc["causes"] = self._aggregate(con, sub, sub_mine, ev, weight)
                 slow_ids = [(r["trace_id"], r["span_id"]) for r in sub_mine]
-                inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
+                if sub is sp and job is not None and early.get(k) == frozenset(slow_ids):
+                    inc["contrast"] = job.result()[k]
+                else:
+                    inc["contrast"] = contrast(con, sub["service"], slow_ids, sub["_a"] - REFERENCE_BEFORE, sub["_b"])
                 if detail:
                     inc["requests_detail"] = sub_mine[:200]
                 else:
@@ -584,7 +646,7 @@ class Analyzer:
     def _explain(self, con: duckdb.DuckDBPyConnection, services: Sequence[str], ranges: Sequence[tuple[str, datetime, datetime]] | None,
                  window: Span, ref: Span | list[Span], exclude: Sequence[tuple[str, datetime, datetime]],
                  limit: int | None = None, trace_id: str | None = None,
-                 per_range: int | None = None) -> tuple[list[dict[str, Any]], Evidence]:
+                 per_range: int | None = None, on_candidates: Any = None) -> tuple[list[dict[str, Any]], Evidence]:
         classes = class_baselines(con, services, ref, exclude)
         con.register("_classes", classes)
         try:
@@ -594,6 +656,8 @@ class Analyzer:
             cands = slow_candidates(con, "_classes", services, ranges, window, self.slo, **kwargs)
         finally:
             con.unregister("_classes")
+        if on_candidates is not None:
+            on_candidates(cands)
         refs = [ref] if isinstance(ref, Span) else ref
         ev = gather(con, cands, ref_start=min(r.start for r in refs), ref_end=max(r.end for r in refs), step_s=self.step_s,
                     refs=[(r.start, r.end) for r in refs])
