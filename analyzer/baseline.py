@@ -193,10 +193,15 @@ def _component_slices(
     seconds = sum((r.end - r.start).total_seconds() for r in refs) or 1.0
     busy = total > COMPONENT_REQUESTS
     length = max(COMPONENT_MIN_SLICE, min(COMPONENT_SLICE, timedelta(seconds=COMPONENT_REQUESTS / len(refs) * seconds / max(total, 1))))
+
+    def newest(col: str, span: Span) -> datetime | None:
+        """The latest ``col`` of the requests that started in ``span``."""
+        return con.execute(f"SELECT max({col}) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
+                           [span.start, span.end, *svc_params]).fetchall()[0][0]
+
     out = []
     for r in refs:
-        last = con.execute(f"SELECT max(start_time) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
-                           [r.start, r.end, *svc_params]).fetchall()[0][0]
+        last = newest("start_time", r)
         end = min(r.end, last + timedelta(milliseconds=1)) if last is not None else r.end
         if busy:
             inside = [a for svc, a, _ in exclude if r.start + length <= a < end and (not services or svc in services)]
@@ -206,8 +211,7 @@ def _component_slices(
             sl = Span(max(r.start, end - COMPONENT_SLICE), end)
         # Children start before their request ends: scan them up to the slice's last end (a long
         # request's children with it), not a fixed hour past it.
-        last_end = con.execute(f"SELECT max(end_time) FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc_sql}",
-                               [sl.start, sl.end, *svc_params]).fetchall()[0][0]
+        last_end = newest("end_time", sl)
         out.append((sl, (last_end if last_end is not None else sl.end) + timedelta(minutes=1)))
     return out
 
@@ -347,7 +351,6 @@ def slow_candidates(
     ids = ", trace_id, span_id" if (trace_id is not None or per_range is not None) else ""
     keep = ", ".join(["rid", "model_key", "ib", "ob", "ob2", "expected_ms", "spread_ms", "class_level", "class_n", "slo_ms",
                       *(f"exp_{c}_ms" for c in COMPONENTS)])
-    full = request_columns("s").replace("s.model,", "coalesce(s.model, '') AS model,", 1)
     sql = f"""
     WITH r0 AS (
         SELECT rowid AS rid, service_name AS service, model, coalesce(model, '') AS model_key, output_tokens,
@@ -375,9 +378,11 @@ def slow_candidates(
         ORDER BY excess_ms DESC
         LIMIT {int(limit)}
     )
-    SELECT {full}, top.* EXCLUDE (rid), epoch(s.start_time) AS t0, epoch(s.end_time) AS t1
-    FROM top JOIN spans s ON s.rowid = top.rid
-    ORDER BY top.excess_ms DESC
+    SELECT * REPLACE (model_key AS model) FROM (
+        SELECT {request_columns("s")}, top.* EXCLUDE (rid), epoch(s.start_time) AS t0, epoch(s.end_time) AS t1
+        FROM top JOIN spans s ON s.rowid = top.rid
+    )
+    ORDER BY excess_ms DESC
     """
     pre_params = slo_params if (slo and trace_id is None) else []
     params = [window.start, window.end, *svc_params, *rg_params, *pre_params, *slo_params, *range_params]

@@ -193,7 +193,7 @@ def gather(
         _recompute_batches(con, ev, lo, hi)
         _gpu(con, ev, lo_busy, hi, ref_start)
         _providers(con, ev, hi)
-        _rates(con, ev, ref_start, hi, step_s, since=lo_busy, spans=_rate_spans(slow, ev, refs or [(ref_start, ref_end)], hi, step_s))
+        _rates(con, ev, ref_start, step_s, _rate_spans(slow, ev, refs or [(ref_start, ref_end)], hi, step_s))
         _queue_profile(con, ev, lo, hi)
     finally:
         con.unregister("_slow")
@@ -821,18 +821,15 @@ def _rate_spans(slow: Sequence[dict[str, Any]], ev: Evidence, refs: Sequence[tup
     return spans
 
 
-def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, hi: datetime, step_s: int,
-           since: datetime | None = None, spans: Sequence[tuple[float, float]] | None = None) -> None:
+def _rates(con: duckdb.DuckDBPyConnection, ev: Evidence, ref_start: datetime, step_s: int,
+           spans: Sequence[tuple[float, float]]) -> None:
     """Arrivals and completions per window and instance count (for Little's law).
 
-    Fetched from ``since`` when a busy period began before the reference (its
-    surge is read from them); the normal arrival rate is the reference's.
-    With ``spans`` (unix seconds), only requests that started in them.
+    Read over ``spans`` (unix seconds, :func:`_rate_spans`): the reference
+    ranges and each slow request's busy period (its surge is read from
+    them); the normal arrival rate is the reference's (from ``ref_start``).
     """
-    lo = min(ref_start, since) if since is not None else ref_start
-    where, params = ("start_time >= ? AND start_time <= ?", [lo, hi])
-    if spans:
-        where, params = _ranges_sql(spans)
+    where, params = _ranges_sql(spans)
     cur = con.execute(
         f"""WITH r AS (
               SELECT service_name AS service, service_instance_id AS inst,
