@@ -72,6 +72,9 @@ def test_demo_keeps_serving_the_dashboard_until_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [str(exe), "demo", "--port", "0", "--scenario", "gpu_throttle", "--db", str(tmp_path / "d.duckdb")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        # A suite started from a background shell inherits SIGINT ignored, and an ignored
+        # signal stays ignored across exec: give the demo the disposition a terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     ready = threading.Event()
