@@ -11,6 +11,7 @@ hysteresis (open high, close low) keeps one incident from flapping into many.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -69,16 +70,16 @@ def _median(sorted_values: list[float]) -> float:
 
 def robust(values: "np.ndarray | list[float]") -> Baseline:
     """Median and MAD-based scale (pure Python: called per window on ~60 values)."""
-    vals = sorted(float(v) for v in values)
+    vals = sorted(map(float, values))
     med = _median(vals)
-    mad = _median(sorted(abs(v - med) for v in vals))
+    mad = _median(sorted([abs(v - med) for v in vals]))
     return Baseline(med, max(1.4826 * mad, SCALE_FLOOR * med, 1e-3))
 
 
 DISPERSION_MAX = 16.0
 
 
-def share_baseline(share: list[float], slow: np.ndarray, count: np.ndarray, idx: list[int], dispersion: bool = True) -> Baseline:
+def share_baseline(share: list[float], slow: Sequence[int], count: Sequence[int], idx: list[int], dispersion: bool = True) -> Baseline:
     """Median and MAD of the class-slow shares of windows ``idx``, and how overdispersed their counts are.
 
     Slow requests come in clusters, not one by one: a long request or a
@@ -95,9 +96,11 @@ def share_baseline(share: list[float], slow: np.ndarray, count: np.ndarray, idx:
     if not dispersion:
         return base
     # Pearson's estimate: the counts' squared deviations from their mean rate, over the binomial's
-    p = sum(float(slow[j]) for j in idx) / max(1.0, sum(float(count[j]) for j in idx))
-    num = sum((float(slow[j]) - float(count[j]) * p) ** 2 for j in idx)
-    den = sum(float(count[j]) * p * (1.0 - p) for j in idx)
+    # (integer sums are exact, as the float sums were; each term is the same float expression)
+    p = float(sum([slow[j] for j in idx])) / max(1.0, float(sum([count[j] for j in idx])))
+    q = 1.0 - p
+    num = sum([(slow[j] - count[j] * p) ** 2 for j in idx])
+    den = sum([count[j] * p * q for j in idx])
     if den > 0 and len(idx) > 1:
         # Of independent requests, num / den would be about 1 ± sqrt(2 / (k - 1)) (chi-square
         # over its degrees of freedom): only the excess beyond two of those counts as clustering,
@@ -148,9 +151,14 @@ def detect(
     fallback = robust(p99[valid])
     share_arr = slow / np.maximum(count, 1) if slow is not None else None
     share = share_arr.tolist() if share_arr is not None else None
+    # The loop reads single elements thousands of times: Python lists, not numpy scalars.
     p99l = p99.tolist()
+    tl = t.tolist()
+    cl = count.tolist()
+    sl = slow.tolist() if slow is not None else []
+    validl = valid.tolist()
     valid_idx = [int(j) for j in np.flatnonzero(valid)]
-    share_fallback = share_baseline(share, slow, count, valid_idx, dispersion=False) if share is not None else None
+    share_fallback = share_baseline(share, sl, cl, valid_idx, dispersion=False) if share is not None else None
     normal: list[int] = []  # indices of valid windows judged normal, in order
     by_hour: dict[int, list[int]] = {}
     spikes: list[Spike] = []
@@ -160,48 +168,49 @@ def detect(
     frozen: Baseline | None = None
     sfrozen: Baseline | None = None
     sbase: Baseline | None = None
-    hour = ((t % DAY_S) // 3600).astype(int)
+    hour = ((t % DAY_S) // 3600).astype(int).tolist()
     span_days = (t[-1] - t[0]) / DAY_S if n else 0
+    horizon = HISTORY_WINDOWS * step_s
     for i in range(n):
-        if not valid[i]:
+        if not validl[i]:
             continue
+        ti = tl[i]
         if current is not None and frozen is not None:
             base, sbase = frozen, sfrozen
         else:
             # Recent normal windows, and only recent ones: after a gap in the data
             # (a replica pool idle overnight, a re-deploy) old windows are stale.
-            horizon = HISTORY_WINDOWS * step_s
-            hist = [j for j in normal[-HISTORY_WINDOWS:] if t[i] - t[j] <= horizon]
+            hist = [j for j in normal[-HISTORY_WINDOWS:] if ti - tl[j] <= horizon]
             if len(hist) >= MIN_HISTORY:
                 base = robust([p99l[j] for j in hist])
                 if share is not None:
-                    sbase = share_baseline(share, slow, count, hist)
+                    sbase = share_baseline(share, sl, cl, hist)
             else:
                 # Warm-up: too little history yet; judge against the windows
                 # around this one (both sides), a robust median of which a
                 # spike of a few windows cannot move.
-                near = [j for j in valid_idx if abs(t[j] - t[i]) <= horizon]
+                near = [j for j in valid_idx if abs(tl[j] - ti) <= horizon]
                 base = robust([p99l[j] for j in near]) if len(near) >= 3 else fallback
                 if share is not None:
-                    sbase = share_baseline(share, slow, count, near, dispersion=False) if len(near) >= 3 else share_fallback
+                    sbase = share_baseline(share, sl, cl, near, dispersion=False) if len(near) >= 3 else share_fallback
             if span_days >= 1:
-                same = [j for j in by_hour.get(int(hour[i]), [])[-4 * HISTORY_WINDOWS:] if t[i] - t[j] >= DAY_S - 3600]
+                same = [j for j in by_hour.get(hour[i], [])[-4 * HISTORY_WINDOWS:] if ti - tl[j] >= DAY_S - 3600]
                 if len(same) >= MIN_HISTORY:
                     day = robust([p99l[j] for j in same])
                     if day.median > base.median:
                         base = day
-        v = float(p99[i])
+        v = p99l[i]
         over_slo = slo_ms is not None and v > slo_ms
         s_open = s_keep = False
         if share is not None and sbase is not None:
-            s_open, s_keep = _share_state(float(share[i]), int(slow[i]), int(count[i]), sbase)
+            s_open, s_keep = _share_state(share[i], sl[i], cl[i], sbase)
         if current is None:
             # The p99 of a window of a few hundred requests is one of its few
             # largest values: two or three outliers of a heavy tail move it.
             # An incident makes more requests slower than the usual p99 than
             # the usual 1 % (a binomial count, judged like the share signal),
             # so the p99 opens one only with that many of them behind it.
-            p99_open = v > base.open_threshold() and count[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= _p99_support(int(count[i])))
+            p99_open = v > base.open_threshold() and cl[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= _p99_support(cl[i]))
             if p99_open or over_slo or s_open:
                 current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i],
                                 tentative=not (p99_open or over_slo), share_base=sbase.median if sbase else 0.0)
@@ -235,7 +244,7 @@ def detect(
         # Every valid window feeds the same-hour history, spiky or not: a pattern
         # that recurs daily is learnt after a day, while a one-off incident is
         # a minority of its hour's windows and leaves the median alone.
-        by_hour.setdefault(int(hour[i]), []).append(i)
+        by_hour.setdefault(hour[i], []).append(i)
     if current is not None:
         spikes.append(current)
     if slow is not None and coarse > 1 and unconfirmed:
