@@ -8,7 +8,9 @@ server's file is opened read-only by ``tailscope sql`` / ``tailscope analyze``.
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -18,6 +20,10 @@ from collector.schema import MIGRATIONS, SCHEMA_VERSION, TIME_COLUMNS
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+# How many span writes the change log keeps (a reader further behind starts over).
+SPAN_WRITE_LOG = 4096
 
 
 class StoreError(Exception):
@@ -62,6 +68,11 @@ class Store:
         except duckdb.Error as exc:
             raise _map_duckdb_error(exc, self.path) from None
         self._write_lock = threading.Lock()
+        # The start_time range (unix s) of each committed span write, by sequence
+        # number: lets a reader's cache of per-window figures drop only the
+        # windows new data landed in (late spans from a spooling agent included).
+        self._write_seq = 0
+        self._span_writes: deque[tuple[int, float, float]] = deque(maxlen=SPAN_WRITE_LOG)
         if not read_only:
             self._migrate()
         else:
@@ -117,6 +128,7 @@ class Store:
             raise StoreError("store is open read-only")
         with self._write_lock:
             con = self._con
+            spans: list["pa.Table"] = []
             con.execute("BEGIN TRANSACTION")
             try:
                 for name, table in tables:
@@ -126,12 +138,16 @@ class Store:
                     cols = ", ".join(f'"{c}"' for c in table.column_names)
                     con.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM _ingest")
                     con.unregister("_ingest")
+                    if name == "spans":
+                        spans.append(table)
                 for sql, params in extra_sql:
                     con.execute(sql, params)
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
                 raise
+            for table in spans:
+                self._log_span_write(table)
 
     def execute_write(self, sql: str, params: list[Any] | None = None) -> None:
         """A single write statement under the writer lock (retention, uploads)."""
@@ -139,6 +155,7 @@ class Store:
             raise StoreError("store is open read-only")
         with self._write_lock:
             self._con.execute(sql, params or [])
+            self._log_span_write(None)  # any statement may touch spans: readers start over
 
     def delete_older_than(self, hours: int) -> dict[str, int]:
         """Retention: drop rows older than ``hours`` from every time-keyed table."""
@@ -150,7 +167,38 @@ class Store:
                     f"DELETE FROM {table} WHERE {col} < now()::TIMESTAMP - to_hours(?)", [hours]
                 ).fetchone()
                 deleted[table] = int(n[0]) if n else 0
+            self._log_span_write(None)
         return deleted
+
+    # --- what changed --------------------------------------------------------
+    def _log_span_write(self, table: "pa.Table | None") -> None:
+        """Record a committed span write's start_time range; ``None``: unknown (everything)."""
+        lo, hi = -math.inf, math.inf
+        if table is not None and "start_time" in table.column_names:
+            import pyarrow.compute as pc
+
+            bounds = pc.min_max(table.column("start_time").cast("timestamp[us]").cast("int64")).as_py()
+            if bounds["min"] is not None:
+                lo, hi = bounds["min"] / 1e6, bounds["max"] / 1e6
+        self._write_seq += 1
+        self._span_writes.append((self._write_seq, lo, hi))
+
+    def span_writes_since(self, seq: int) -> tuple[int, list[tuple[float, float]] | None]:
+        """(the current write sequence, the start_time ranges (unix s) of span writes after ``seq``).
+
+        ``None`` instead of ranges when they are not known (the log rolled
+        over): a reader's cache must then start over. Writes that bypass
+        this class (raw SQL on the connection) are not seen here; readers
+        also check the row count.
+        """
+        with self._write_lock:
+            current = self._write_seq
+            if seq == current:
+                return current, []
+            log = list(self._span_writes)
+        if seq > current or not log or log[0][0] > seq + 1:
+            return current, None
+        return current, [(lo, hi) for n, lo, hi in log if n > seq]
 
     def checkpoint(self) -> None:
         with self._write_lock:
