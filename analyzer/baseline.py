@@ -318,7 +318,7 @@ def slow_candidates(
     """
     svc_sql, svc_params = _service_filter(services)
     rg_sql, rg_params = _ranges_filter("start_time", ranges or (), negate=False) if ranges is not None else ("TRUE", [])
-    slo_sql = " ".join(f"WHEN ? THEN ?" for _ in slo)
+    slo_sql = " ".join("WHEN ? THEN ?" for _ in slo)
     slo_params: list[Any] = []
     for k, v in slo.items():
         slo_params += [k, float(v)]

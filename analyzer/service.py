@@ -25,12 +25,13 @@ import numpy as np
 
 from analyzer import recommend
 from analyzer.attribute import attribute
-from analyzer.baseline import Span, class_baselines, slow_candidates, threshold_tables
+from analyzer.baseline import Span, class_baselines, slow_candidates
 from analyzer.contrast import contrast
 from analyzer.detect import DAY_S, detect
 from analyzer.evidence import Evidence, gather
-from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
+from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE
 from analyzer.timeutil import TimeLike, from_unix, iso, to_utc_naive, unix
+from analyzer.windows import WindowStats
 from tailscope.causes import CAUSES
 from tailscope.config import parse_slo
 from tailscope.errors import BadRequest, NotFound
@@ -41,7 +42,6 @@ DEFAULT_RANGE = timedelta(hours=24)
 # caller's range happens to begin: incident ids stay stable.
 LEAD_IN = timedelta(seconds=DAY_S + 3600)
 REFERENCE_BEFORE = timedelta(hours=1)
-SPIKE_SAMPLE = 100_000
 EXPLAIN_PER_INCIDENT = 1000  # slow requests explained per incident (a uniform sample beyond that)
 WINDOW_TARGET = 100  # requests a window should hold for its p99 to mean something
 _FACTORS = (1, 2, 5, 10, 15, 30, 60, 120, 240)
@@ -199,35 +199,6 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
     return out
 
 
-TOP_K_MIN = 128
-
-
-def _request_total(classes: Any) -> int:
-    """The unsampled request count :func:`class_baselines` attached to its table (0 when absent)."""
-    try:
-        return int((classes.schema.metadata or {}).get(b"requests", b"0"))
-    except ValueError:
-        return 0
-
-
-def _p99_from_top(m: int, top: list[float]) -> float | None:
-    """quantile_cont(x, 0.99) from the largest values of ``m`` (descending), or None when too few were kept.
-
-    Same interpolation as DuckDB: h = 0.99 (m - 1); lo + (h - floor h) (hi - lo)
-    between the ascending order statistics floor(h) and floor(h) + 1.
-    """
-    if m <= 0:
-        return float("nan")
-    h = (m - 1) * 0.99
-    f = int(h)
-    ra = m - 1 - f  # descending rank of the lower order statistic
-    if ra >= len(top):
-        return None
-    lo = float(top[ra])
-    hi = float(top[ra - 1]) if ra >= 1 else lo
-    return lo + (h - f) * (hi - lo)
-
-
 def incident_id(service: str, start_s: float, cause: str | None = None) -> str:
     """Stable id: the same service and first spiky window always give the same id.
 
@@ -305,6 +276,7 @@ class Analyzer:
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.use_cache = True
+        self.windows = WindowStats(store, self.slo)  # per-window figures, kept across calls until written to
 
     # --- plumbing -----------------------------------------------------------
     def _con(self) -> duckdb.DuckDBPyConnection:
@@ -411,81 +383,8 @@ class Analyzer:
     # --- spikes -------------------------------------------------------------
     def _window_stats(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime,
                       step: int, tops: dict[tuple[str, int], list[float]] | None = None) -> list[tuple[str, int, int, float, int]]:
-        """(service, window, requests, p99, class-slow requests) per window, one pass over the requests.
-
-        ``tops``, when given, receives each window's largest latencies (descending, at least
-        its top 1 % and TOP_K_MIN of them, or all): what the p99 rests on.
-        """
-        rng = (lead, end)
-        params: list[Any] = [lead, end]
-        svc = ""
-        if service:
-            svc = "AND service_name = ?"
-            params.append(service)
-        # Class thresholds from a sample of the same range: a short request that
-        # stalled counts as slow even when long requests set the service's p99.
-        # The thresholds are resolved per class into one small table first, so
-        # the pass over every request is one equi-join on its class key.
-        classes = class_baselines(con, [service] if service else None, Span(lead, rng[1]), (), components=False,
-                                  sample=SPIKE_SAMPLE)
-        con.register("_sclasses", classes)
-        try:
-            thr, thr0 = threshold_tables(con, "_sclasses")
-        finally:
-            con.unregister("_sclasses")
-        # The p99 of a window needs only its top 1 % (+2) values: a bounded
-        # top-k per window (max(x, k)) is cheaper than quantile_cont's full
-        # per-window buffer and gives the same number. k comes from the
-        # busiest window the sampled request count suggests (4x the mean
-        # window); windows busier than that are recomputed exactly below.
-        windows = max(1.0, (end - lead).total_seconds() / step)
-        top = max(TOP_K_MIN, int(0.01 * 4 * total / windows) + 3) if (total := _request_total(classes)) else TOP_K_MIN
-        con.register("_thr", thr)
-        con.register("_thr0", thr0)
-        try:
-            slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
-            slo_params: list[Any] = []
-            for k, v in self.slo.items():
-                slo_params += [k, float(v)]
-            slo_expr = f"CASE r.service {slo_case} ELSE NULL END" if self.slo else "NULL::DOUBLE"
-            rows = con.execute(
-                f"""WITH r AS (
-                        SELECT service_name AS service, coalesce(model, '') AS model,
-                            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
-                            {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
-                        FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
-                          AND service_name IS NOT NULL
-                    )
-                    SELECT r.service, r.w, count(*) AS n, count(r.latency_ms) AS m, max(r.latency_ms, {top}) AS top,
-                        count(*) FILTER (WHERE r.latency_ms > coalesce(t.thr, t0.thr) OR r.latency_ms > {slo_expr}) AS slow
-                    FROM r LEFT JOIN _thr t USING (service, model, ib, ob) LEFT JOIN _thr0 t0 USING (service)
-                    GROUP BY ALL ORDER BY 1, 2""",
-                params + slo_params,
-            ).fetchall()
-        finally:
-            con.unregister("_thr")
-            con.unregister("_thr0")
-        out = []
-        refill: list[int] = []
-        for s, w, n, m, top, slow in rows:
-            p99 = _p99_from_top(int(m), top or [])
-            if p99 is None:
-                refill.append(len(out))
-            out.append((s, int(w), int(n), p99 if p99 is not None else float("nan"), int(slow)))
-            if tops is not None:
-                tops[(s, int(w))] = top or []  # DOUBLEs: Python floats already
-        if refill:
-            # Windows busier than the estimate: their exact p99 the plain way.
-            exact = {(s, int(w)): float(p) for s, w, p in con.execute(
-                f"""SELECT service_name, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w, quantile_cont({LATENCY_MS}, 0.99)
-                    FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
-                      AND service_name IS NOT NULL
-                      AND CAST(floor(epoch(start_time) / {step}) AS BIGINT) IN ({', '.join(str(out[i][1]) for i in refill)})
-                    GROUP BY ALL""", params).fetchall()}
-            for i in refill:
-                s, w, n, _, slow = out[i]
-                out[i] = (s, w, n, exact[(s, w)], slow)
-        return out
+        """(service, window, requests, p99, class-slow requests) per window (see :mod:`analyzer.windows`)."""
+        return self.windows.stats(con, service, lead, end, step, tops)
 
     def _spikes(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime]) -> list[dict[str, Any]]:
         """Incident skeletons (no causes yet) overlapping ``rng``, per service.

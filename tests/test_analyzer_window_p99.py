@@ -7,8 +7,9 @@ import random
 import duckdb
 import pytest
 
-import analyzer.service as service
-from analyzer.service import Analyzer, _p99_from_top
+import analyzer.windows as windows
+from analyzer.service import Analyzer
+from analyzer.windows import p99_from_top
 from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE
 from analyzer_world import World, replicas
 
@@ -20,7 +21,7 @@ def test_p99_from_top_matches_quantile_cont(n: int) -> None:
     con = duckdb.connect()
     con.execute("CREATE TABLE t AS SELECT unnest(?::DOUBLE[]) AS x", [xs])
     want, top = con.execute("SELECT quantile_cont(x, 0.99), max(x, 64) FROM t").fetchall()[0]
-    got = _p99_from_top(len(xs), top)
+    got = p99_from_top(len(xs), top)
     if len(xs) - 1 - int((len(xs) - 1) * 0.99) >= 64:
         assert got is None  # too few kept: the caller recomputes exactly
     else:
@@ -38,14 +39,15 @@ def test_window_stats_equal_exact_quantiles(tmp_path, monkeypatch) -> None:
     try:
         w.write(store)
         a = Analyzer(store)
+        a.windows.enabled = False  # each pass computes (not a window kept from the pass before)
         con = store.cursor()
         lo, hi = con.execute("SELECT min(start_time), max(start_time) + INTERVAL 1 SECOND FROM spans").fetchall()[0]
         want = {(s, int(k)): (int(n), float(p)) for s, k, n, p in con.execute(
             f"SELECT service_name, CAST(floor(epoch(start_time) / 60) AS BIGINT), count(*), quantile_cont({LATENCY_MS}, 0.99) "
             f"FROM spans WHERE {REQUEST_PREDICATE} GROUP BY ALL").fetchall()}
         for k_min in (128, 1):  # 1: every window is busier than k, so all go through the exact refill
-            monkeypatch.setattr(service, "TOP_K_MIN", k_min)
-            monkeypatch.setattr(service, "_request_total", lambda classes: 0)
+            monkeypatch.setattr(windows, "TOP_K_MIN", k_min)
+            monkeypatch.setattr(windows, "_request_total", lambda classes: 0)
             got = {(s, k): (n, p) for s, k, n, p, _ in a._window_stats(con, None, lo, hi, 60)}
             assert got.keys() == want.keys()
             for key, (n, p) in want.items():

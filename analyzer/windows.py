@@ -1,0 +1,292 @@
+"""Per-window figures for spike detection, kept for the windows no write has touched since.
+
+Detection reads every request of its range (the asked-for range and 25 h
+before it) into per-window figures: request count, p99, its top values and
+the count of class-slow requests. A dashboard refresh, or the alert
+evaluator every few seconds, asks again moments later, when only the last
+window or two has new data. A window's figures depend only on its requests
+and on the class thresholds, so:
+
+- the thresholds are estimated over whole hours (``[hour of lead, hour of
+  end)``) when those hold nearly all of the range's requests: the same
+  thresholds for every call within the hour (the unfinished hour, a sliver
+  of the range, does not move them);
+- each whole window's figures are kept until a write lands in it: the
+  store's span-write log says which start times each committed write
+  covered, so late spans from an agent's spool drop exactly the windows they
+  fall in; a store without the log, a write of unknown extent, or a row
+  count that moved without a logged write, drop everything.
+
+With thresholds that cannot be pinned (a range whose unfinished hour holds
+much of its data: a young store) every call computes everything, as before.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from analyzer.baseline import Span, class_baselines, threshold_tables
+from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
+from analyzer.timeutil import from_unix, unix
+
+SPIKE_SAMPLE = 100_000  # requests the spike thresholds are estimated from, at most
+TOP_K_MIN = 128
+PIN_SHARE = 0.9  # whole hours must hold this share of the range's requests for the thresholds to be pinned
+MAX_CACHES = 8  # (service, step) window caches kept
+
+Row = tuple[str, int, int, float, int]  # service, window, requests, p99 ms, class-slow requests
+
+
+def _request_total(classes: Any) -> int:
+    """The unsampled request count :func:`class_baselines` attached to its table (0 when absent)."""
+    try:
+        return int((classes.schema.metadata or {}).get(b"requests", b"0"))
+    except ValueError:
+        return 0
+
+
+def p99_from_top(m: int, top: list[float]) -> float | None:
+    """quantile_cont(x, 0.99) from the largest values of ``m`` (descending), or None when too few were kept.
+
+    Same interpolation as DuckDB: h = 0.99 (m - 1); lo + (h - floor h) (hi - lo)
+    between the ascending order statistics floor(h) and floor(h) + 1.
+    """
+    if m <= 0:
+        return float("nan")
+    h = (m - 1) * 0.99
+    f = int(h)
+    ra = m - 1 - f  # descending rank of the lower order statistic
+    if ra >= len(top):
+        return None
+    lo = float(top[ra])
+    hi = float(top[ra - 1]) if ra >= 1 else lo
+    return lo + (h - f) * (hi - lo)
+
+
+@dataclass
+class _Thresholds:
+    thr: Any
+    thr0: Any
+    total: int  # requests in ``span`` (sizes the top-k)
+    span: Span
+    pinned: bool
+    gen: int
+
+
+@dataclass
+class _Cache:
+    """One (service, step)'s whole windows under one set of thresholds: window -> service -> figures."""
+
+    gen: int
+    windows: dict[int, dict[str, tuple[int, float, int, list[float]]]] = field(default_factory=dict)
+
+
+def _floor_hour(t: datetime) -> datetime:
+    return t.replace(minute=0, second=0, microsecond=0)
+
+
+class WindowStats:
+    """Per-window figures of a store's requests, with the cache described above.
+
+    Args:
+        store: the telemetry store (its ``span_writes_since`` feeds invalidation).
+        slo: per-service p99 objectives (ms): over it counts as slow whatever the class.
+    """
+
+    def __init__(self, store: Any, slo: dict[str, float]) -> None:
+        self.store = store
+        self.slo = slo
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._seq: int | None = None
+        self._rows: int | None = None
+        self._gen = 0
+        self._thresholds: dict[tuple[str | None, datetime, datetime], _Thresholds] = {}
+        self._caches: OrderedDict[tuple[str | None, int], _Cache] = OrderedDict()
+
+    # --- invalidation ---------------------------------------------------------
+    def _sync(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Drop what the writes since the last call may have changed."""
+        log = getattr(self.store, "span_writes_since", None)
+        seq, ranges = log(self._seq if self._seq is not None else -1) if log is not None else (None, None)
+        rows = int(con.execute("SELECT count(*) FROM spans").fetchall()[0][0])  # after the log: see Store.span_writes_since
+        with self._lock:
+            if self._seq is None or ranges is None or (not ranges and rows != self._rows):
+                self._thresholds.clear()
+                self._caches.clear()
+            else:
+                for lo, hi in ranges:
+                    self._drop(lo, hi)
+            self._seq, self._rows = seq, rows
+
+    def _drop(self, lo: float, hi: float) -> None:
+        if math.isinf(lo) or math.isinf(hi):
+            self._thresholds.clear()
+            self._caches.clear()
+            return
+        for key, th in list(self._thresholds.items()):
+            if unix(th.span.start) <= hi and lo < unix(th.span.end):
+                del self._thresholds[key]
+        for (_, step), cache in self._caches.items():
+            for w in range(int(lo // step), int(hi // step) + 1):
+                cache.windows.pop(w, None)
+
+    # --- thresholds -------------------------------------------------------------
+    def thresholds(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime) -> _Thresholds:
+        """Class-slow thresholds for detection over [lead, end), pinned to whole hours when they hold nearly all of it."""
+        svc, params = ("AND service_name = ?", [service]) if service else ("", [])
+        pin = Span(_floor_hour(lead), _floor_hour(end))
+        total, inside = con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE start_time < ?) FROM spans
+                WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}""",
+            [pin.end, pin.start, end, *params],
+        ).fetchall()[0]
+        pinned = pin.end > pin.start and inside > 0 and inside >= PIN_SHARE * total
+        key = (service, pin.start, pin.end)
+        if pinned:
+            with self._lock:
+                hit = self._thresholds.get(key)
+            if hit is not None:
+                return hit
+        span = pin if pinned else Span(lead, end)
+        classes = class_baselines(con, [service] if service else None, span, (), components=False, sample=SPIKE_SAMPLE)
+        con.register("_sclasses", classes)
+        try:
+            thr, thr0 = threshold_tables(con, "_sclasses")
+        finally:
+            con.unregister("_sclasses")
+        with self._lock:
+            self._gen += 1
+            th = _Thresholds(thr, thr0, _request_total(classes), span, pinned, self._gen)
+            if pinned:
+                self._thresholds[key] = th
+        return th
+
+    # --- figures ------------------------------------------------------------------
+    def stats(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime, step: int,
+              tops: dict[tuple[str, int], list[float]] | None = None) -> list[Row]:
+        """(service, window, requests, p99, class-slow requests) per window of [lead, end), ordered.
+
+        ``tops``, when given, receives each window's largest latencies (descending, at least
+        its top 1 % and TOP_K_MIN of them, or all): what the p99 rests on.
+        """
+        self._sync(con)
+        th = self.thresholds(con, service, lead, end)
+        # The p99 of a window needs only its top 1 % (+2) values: a bounded top-k per
+        # window (max(x, k)) is cheaper than quantile_cont's full per-window buffer and
+        # gives the same number. k comes from the busiest window the thresholds' request
+        # count suggests (4x the mean window); busier windows are recomputed exactly.
+        windows = max(1.0, (th.span.end - th.span.start).total_seconds() / step)
+        k = max(TOP_K_MIN, int(0.01 * 4 * th.total / windows) + 3) if th.total else TOP_K_MIN
+        first, last = math.ceil(unix(lead) / step), math.floor(unix(end) / step) - 1  # whole windows inside
+        cache = self._cache(service, step, th) if (th.pinned and self.enabled) else _Cache(th.gen)
+        with self._lock:
+            have = {w: cache.windows[w] for w in range(first, last + 1) if w in cache.windows}
+        # What to read: the edges (part windows) and every whole window not kept, merged.
+        pieces = [(lead, from_unix(first * step))]
+        pieces += [(from_unix(w * step), from_unix((w + 1) * step)) for w in range(first, last + 1) if w not in have]
+        pieces.append((from_unix((last + 1) * step), end))
+        ranges: list[list[datetime]] = []
+        for a, b in pieces:
+            a, b = max(a, lead), min(b, end)
+            if b <= a:
+                continue
+            if ranges and a <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], b)
+            else:
+                ranges.append([a, b])
+        fresh = self._read(con, service, lead, end, step, th, k, ranges) if ranges else {}
+        if th.pinned and self.enabled:
+            with self._lock:
+                for w in range(first, last + 1):
+                    if w not in have:
+                        cache.windows[w] = fresh.get(w, {})
+                self._prune(cache, first, last)
+        out: list[Row] = []
+        for w in sorted(set(have) | set(fresh)):
+            for s, (n, p99, slow, top) in (have.get(w) or fresh.get(w) or {}).items():
+                out.append((s, w, n, p99, slow))
+                if tops is not None:
+                    tops[(s, w)] = top
+        out.sort(key=lambda r: (r[0], r[1]))
+        return out
+
+    def _cache(self, service: str | None, step: int, th: _Thresholds) -> _Cache:
+        with self._lock:
+            key = (service, step)
+            cache = self._caches.get(key)
+            if cache is None or cache.gen != th.gen:
+                cache = self._caches[key] = _Cache(th.gen)
+            self._caches.move_to_end(key)
+            while len(self._caches) > MAX_CACHES:
+                self._caches.popitem(last=False)
+            return cache
+
+    @staticmethod
+    def _prune(cache: _Cache, first: int, last: int) -> None:
+        """Keep a cache near the ranges being asked about (a moving range leaves old windows behind)."""
+        span = last - first + 1
+        if len(cache.windows) > 4 * max(span, 1):
+            for w in [w for w in cache.windows if w < first - span or w > last + span]:
+                del cache.windows[w]
+
+    def _read(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime, step: int,
+              th: _Thresholds, k: int, ranges: list[list[datetime]]) -> dict[int, dict[str, tuple[int, float, int, list[float]]]]:
+        """One pass over the requests of ``ranges``: window -> service -> (n, p99, slow, top)."""
+        svc, svc_params = ("AND service_name = ?", [service]) if service else ("", [])
+        rng = " OR ".join("(start_time >= ? AND start_time < ?)" for _ in ranges)
+        rng_params = [x for r in ranges for x in r]
+        slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
+        slo_params: list[Any] = []
+        for name, v in self.slo.items():
+            slo_params += [name, float(v)]
+        slo_expr = f"CASE r.service {slo_case} ELSE NULL END" if self.slo else "NULL::DOUBLE"
+        con.register("_thr", th.thr)
+        con.register("_thr0", th.thr0)
+        try:
+            # Class thresholds resolved per class key: the pass over every request is
+            # one equi-join on a small table (a short request that stalled counts as
+            # slow even when long requests set the service's p99).
+            rows = con.execute(
+                f"""WITH r AS (
+                        SELECT service_name AS service, coalesce(model, '') AS model,
+                            {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
+                            {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
+                        FROM spans WHERE {REQUEST_PREDICATE} AND ({rng}) {svc}
+                          AND service_name IS NOT NULL
+                    )
+                    SELECT r.service, r.w, count(*) AS n, count(r.latency_ms) AS m, max(r.latency_ms, {k}) AS top,
+                        count(*) FILTER (WHERE r.latency_ms > coalesce(t.thr, t0.thr) OR r.latency_ms > {slo_expr}) AS slow
+                    FROM r LEFT JOIN _thr t USING (service, model, ib, ob) LEFT JOIN _thr0 t0 USING (service)
+                    GROUP BY ALL""",
+                rng_params + svc_params + slo_params,
+            ).fetchall()
+        finally:
+            con.unregister("_thr")
+            con.unregister("_thr0")
+        out: dict[int, dict[str, tuple[int, float, int, list[float]]]] = {}
+        refill: list[tuple[str, int]] = []
+        for s, w, n, m, top, slow in rows:
+            p99 = p99_from_top(int(m), top or [])
+            if p99 is None:
+                refill.append((s, int(w)))
+            out.setdefault(int(w), {})[s] = (int(n), p99 if p99 is not None else float("nan"), int(slow), top or [])
+        if refill:
+            # Windows busier than the estimate: their exact p99 the plain way.
+            exact = {(s, int(w)): float(p) for s, w, p in con.execute(
+                f"""SELECT service_name, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w, quantile_cont({LATENCY_MS}, 0.99)
+                    FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
+                      AND service_name IS NOT NULL
+                      AND CAST(floor(epoch(start_time) / {step}) AS BIGINT) IN ({', '.join(str(w) for _, w in refill)})
+                    GROUP BY ALL""", [lead, end, *svc_params]).fetchall()}
+            for s, w in refill:
+                n, _, slow, top = out[w][s]
+                out[w][s] = (n, exact[(s, w)], slow, top)
+        return out
