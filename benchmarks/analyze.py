@@ -13,6 +13,13 @@ number of requests (generating 10 M takes minutes).
 empty; the OS page cache may be warm), "warm" = the same call again with the
 analyzer's result cache off (DuckDB buffers hot), "cached" = with the
 analyzer's result cache on (what a dashboard refresh of unchanged data gets).
+Cold and warm compute every window's figures (the kept-windows cache of
+``analyzer/windows.py`` off). "refresh" is what a live dashboard refresh or
+an alert evaluation pays: on a copy of the store, after each call ten seconds
+of new requests land in the last minute (the result cache is then stale),
+and the incident list is asked again, with the windows no write touched kept
+("refresh_s") and, alternately, with every window computed again
+("refresh_all_windows_s").
 With --repeat N every figure is the median of N measurements (each on a
 freshly opened store), the spread is kept under "runs_s".
 """
@@ -24,6 +31,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,6 +173,7 @@ def measure(path: Path) -> dict[str, Any]:
         store = Store(path, read_only=True)  # a fresh connection: DuckDB's buffer pool is empty
         a = Analyzer(store)
         a.use_cache = False
+        a.windows.enabled = False
         cold, out = _time(lambda: call(a))
         warm, _ = _time(lambda: call(a))
         a.use_cache = True
@@ -183,6 +192,50 @@ def measure(path: Path) -> dict[str, Any]:
                     results["trace_s"], _ = _time(lambda: a.trace(tid))
         store.close()
     return results
+
+
+def refresh(path: Path, rounds: int = 5) -> dict[str, Any]:
+    """The incident list asked again after new spans land (see the module docstring), on a copy of the store."""
+    import shutil
+    import statistics
+
+    import pyarrow as pa
+
+    from analyzer.service import Analyzer
+
+    copy = path.with_name(path.stem + ".refresh.duckdb")
+    shutil.copyfile(path, copy)
+    try:
+        store = Store(copy)
+        a = Analyzer(store)
+        a.use_cache = False
+        con = store.cursor()
+        newest, total = con.execute("SELECT max(start_time), count(*) FROM spans WHERE role = 'request'").fetchall()[0]
+        per_10s = max(1, int(total / DAY_S * 10))
+        a.incidents()
+        times: dict[str, list[float]] = {"refresh_s": [], "refresh_all_windows_s": []}
+        for k in range(2 * rounds):
+            # ten seconds of requests, inside the last minute (the range's end does not move)
+            base = newest - timedelta(seconds=30)
+            ts = [base + timedelta(seconds=10 * j / per_10s) for j in range(per_10s)]
+            ids = [f"f{k:07x}{j:024x}" for j in range(per_10s)]  # not an id the generator uses
+            store.write([("spans", pa.table({
+                "trace_id": ids, "span_id": [i[-16:] for i in ids], "name": ["request"] * per_10s, "kind": ["SERVER"] * per_10s,
+                "start_time": pa.array(ts, pa.timestamp("us")),
+                "end_time": pa.array([t + timedelta(milliseconds=700) for t in ts], pa.timestamp("us")),
+                "duration_ms": [700.0] * per_10s, "service_name": ["chat-api"] * per_10s,
+                "service_instance_id": [f"replica-{j % INSTANCES}" for j in range(per_10s)], "role": ["request"] * per_10s,
+                "model": ["tiny"] * per_10s, "input_tokens": [300] * per_10s, "output_tokens": [80] * per_10s,
+            }))])
+            key = "refresh_s" if k % 2 == 0 else "refresh_all_windows_s"
+            a.windows.enabled = key == "refresh_s"
+            t, _ = _time(a.incidents)
+            times[key].append(t)
+        store.close()
+        return {key: statistics.median(v) for key, v in times.items()} | {"refresh_runs_s": times}
+    finally:
+        copy.unlink(missing_ok=True)
+        Path(str(copy) + ".wal").unlink(missing_ok=True)
 
 
 def _median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -218,6 +271,7 @@ def main() -> int:
             run["reused"] = True
         reps = [measure(path) for _ in range(max(1, args.repeat))]
         run.update(_median_of(reps))
+        run.update(refresh(path))
         out["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))
