@@ -40,7 +40,7 @@ from analyzer.timeutil import from_unix, unix
 SPIKE_SAMPLE = 100_000  # requests the spike thresholds are estimated from, at most
 TOP_K_MIN = 128
 PIN_SHARE = 0.9  # whole hours must hold this share of the range's requests for the thresholds to be pinned
-MAX_CACHES = 8  # (service, step) window caches kept
+MAX_CACHES = 8  # window caches (and threshold sets) kept: callers with different ranges (dashboard, alerts) each keep theirs
 
 Row = tuple[str, int, int, float, int]  # service, window, requests, p99 ms, class-slow requests
 
@@ -85,7 +85,6 @@ class _Thresholds:
 class _Cache:
     """One (service, step)'s whole windows under one set of thresholds: window -> service -> figures."""
 
-    gen: int
     windows: dict[int, dict[str, tuple[int, float, int, Sequence[float]]]] = field(default_factory=dict)
 
 
@@ -109,8 +108,8 @@ class WindowStats:
         self._seq: int | None = None
         self._rows: int | None = None
         self._gen = 0
-        self._thresholds: dict[tuple[str | None, datetime, datetime], _Thresholds] = {}
-        self._caches: OrderedDict[tuple[str | None, int], _Cache] = OrderedDict()
+        self._thresholds: OrderedDict[tuple[str | None, datetime, datetime], _Thresholds] = OrderedDict()
+        self._caches: OrderedDict[tuple[str | None, int, int], _Cache] = OrderedDict()  # (service, step, thresholds gen)
 
     # --- invalidation ---------------------------------------------------------
     def _sync(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -132,10 +131,16 @@ class WindowStats:
             self._thresholds.clear()
             self._caches.clear()
             return
+        stale = set()
         for key, th in list(self._thresholds.items()):
             if unix(th.span.start) <= hi and lo < unix(th.span.end):
+                stale.add(th.gen)
                 del self._thresholds[key]
-        for (_, step), cache in self._caches.items():
+        for key, cache in list(self._caches.items()):
+            _, step, gen = key
+            if gen in stale:  # its thresholds will be estimated again: every window with them
+                del self._caches[key]
+                continue
             for w in range(int(lo // step), int(hi // step) + 1):
                 cache.windows.pop(w, None)
 
@@ -154,8 +159,9 @@ class WindowStats:
         if pinned:
             with self._lock:
                 hit = self._thresholds.get(key)
-            if hit is not None:
-                return hit
+                if hit is not None:
+                    self._thresholds.move_to_end(key)
+                    return hit
         span = pin if pinned else Span(lead, end)
         classes = class_baselines(con, [service] if service else None, span, (), components=False, sample=SPIKE_SAMPLE)
         con.register("_sclasses", classes)
@@ -168,6 +174,8 @@ class WindowStats:
             th = _Thresholds(thr, thr0, _request_total(classes), span, pinned, self._gen)
             if pinned:
                 self._thresholds[key] = th
+                while len(self._thresholds) > MAX_CACHES:
+                    self._thresholds.popitem(last=False)
         return th
 
     # --- figures ------------------------------------------------------------------
@@ -187,7 +195,7 @@ class WindowStats:
         windows = max(1.0, (th.span.end - th.span.start).total_seconds() / step)
         k = max(TOP_K_MIN, int(0.01 * 4 * th.total / windows) + 3) if th.total else TOP_K_MIN
         first, last = math.ceil(unix(lead) / step), math.floor(unix(end) / step) - 1  # whole windows inside
-        cache = self._cache(service, step, th) if (th.pinned and self.enabled) else _Cache(th.gen)
+        cache = self._cache(service, step, th) if (th.pinned and self.enabled) else _Cache()
         with self._lock:
             have = {w: cache.windows[w] for w in range(first, last + 1) if w in cache.windows}
         # What to read: the edges (part windows) and every whole window not kept, merged.
@@ -221,10 +229,10 @@ class WindowStats:
 
     def _cache(self, service: str | None, step: int, th: _Thresholds) -> _Cache:
         with self._lock:
-            key = (service, step)
+            key = (service, step, th.gen)
             cache = self._caches.get(key)
-            if cache is None or cache.gen != th.gen:
-                cache = self._caches[key] = _Cache(th.gen)
+            if cache is None:
+                cache = self._caches[key] = _Cache()
             self._caches.move_to_end(key)
             while len(self._caches) > MAX_CACHES:
                 self._caches.popitem(last=False)

@@ -97,3 +97,18 @@ def test_a_range_whose_unfinished_hour_holds_much_of_its_data_is_computed_every_
     assert a.windows.stats(con, None, LEAD, end, STEP) == a.windows.stats(con, None, LEAD, end, STEP)
     assert not a.windows._caches
     con.close()
+
+
+def test_callers_with_different_ranges_each_keep_their_windows(world_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's day and the alert evaluator's hour pin different thresholds: neither evicts the other."""
+    a = Analyzer(world_store)
+    con = world_store.cursor()
+    calls = [(LEAD, END), (LEAD + timedelta(hours=1), END)]
+    first = [a.windows.stats(con, None, lead, end, STEP) for lead, end in calls]
+    assert all(a.windows.thresholds(con, None, lead, end).pinned for lead, end in calls)
+    reads: list = []
+    original = a.windows._read
+    monkeypatch.setattr(a.windows, "_read", lambda *args: reads.append(args[-1]) or original(*args))
+    assert [a.windows.stats(con, None, lead, end, STEP) for lead, end in calls] == first
+    assert reads == []
+    con.close()
