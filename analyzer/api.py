@@ -50,7 +50,7 @@ def make_router(analyzer: "Analyzer") -> "APIRouter":
         return analyzer.slow_requests(service=service or None, start=start, end=end, limit=limit)
 
     @router.get("/traces/{trace_id}")
-    def trace(trace_id: str) -> dict[str, Any]:
-        return analyzer.trace(trace_id)
+    def trace(trace_id: str, around: str | None = None) -> dict[str, Any]:
+        return analyzer.trace(trace_id, around=around or None)
 
     return router

@@ -46,6 +46,7 @@ EXPLAIN_PER_INCIDENT = 1000  # slow requests explained per incident (a uniform s
 WINDOW_TARGET = 100  # requests a window should hold for its p99 to mean something
 _FACTORS = (1, 2, 5, 10, 15, 30, 60, 120, 240)
 REFERENCE_AFTER = timedelta(minutes=15)
+TRACE_AROUND = timedelta(hours=2)  # a trace looked up around a time: its spans that started this close to it
 MAX_POINTS = 20_000
 _ID = re.compile(r"^inc-(\d+)-([0-9a-f]{8})$")
 _TRACE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -647,22 +648,40 @@ class Analyzer:
         return {"start": iso(rng[0]), "end": iso(rng[1]), "requests": results}
 
     # --- one trace ----------------------------------------------------------
-    def trace(self, trace_id: str) -> dict[str, Any]:
-        """Every span and event of one request, what overlapped it, and its analysis."""
+    def trace(self, trace_id: str, around: TimeLike = None) -> dict[str, Any]:
+        """Every span and event of one request, what overlapped it, and its analysis.
+
+        Trace ids are random, so finding one reads the id of every span in the
+        store (~1 s per 40 M spans). ``around`` (a time the trace was live, e.g.
+        its request's start, which every table that links to a trace knows)
+        bounds that to the spans that started within TRACE_AROUND of it; a
+        trace with no request span there is looked for everywhere.
+        """
         if not isinstance(trace_id, str) or not _TRACE.match(trace_id):
             raise BadRequest(f"not a trace id: {trace_id!r} (expected 32 hex digits)")
+        at = to_utc_naive(around, "around")
         tid = trace_id.lower()
         con = self._con()
         try:
-            return self._trace(con, tid)
+            if at is not None:
+                found = self._trace(con, tid, (at - TRACE_AROUND, at + TRACE_AROUND))
+                if found is not None:
+                    return found
+            found = self._trace(con, tid, None)
+            if found is None:
+                raise NotFound(f"no trace {tid} in the store")
+            return found
         finally:
             con.close()
 
-    def _trace(self, con: duckdb.DuckDBPyConnection, tid: str) -> dict[str, Any]:
+    def _trace(self, con: duckdb.DuckDBPyConnection, tid: str, within: tuple[datetime, datetime] | None) -> dict[str, Any] | None:
+        """The trace's spans, events and analysis; with ``within``, only what started then (None: no request span there)."""
+        bound, bound_params = ("AND start_time >= ? AND start_time <= ?", list(within)) if within else ("", [])
         spans = _rows(con.execute(
-            f"SELECT *, {REQUEST_PREDICATE} AS is_request, {LATENCY_MS} AS latency_ms FROM spans WHERE trace_id = ? ORDER BY start_time", [tid]))
-        if not spans:
-            raise NotFound(f"no trace {tid} in the store")
+            f"""SELECT *, {REQUEST_PREDICATE} AS is_request, {LATENCY_MS} AS latency_ms FROM spans
+                WHERE trace_id = ? {bound} ORDER BY start_time, parent_span_id IS NOT NULL, span_id""", [tid, *bound_params]))
+        if not spans or (within is not None and not any(s["is_request"] for s in spans)):
+            return None
         for s in spans:
             for k in ("attributes", "resource_attributes"):
                 if isinstance(s.get(k), str):
@@ -670,12 +689,16 @@ class Analyzer:
                         s[k] = json.loads(s[k])
                     except ValueError:
                         pass
-        events = _rows(con.execute("SELECT * FROM span_events WHERE trace_id = ? ORDER BY time", [tid]))
+        tbound = bound.replace("start_time", "time")
+        events = _rows(con.execute(f"SELECT * FROM span_events WHERE trace_id = ? {tbound} ORDER BY time", [tid, *bound_params]))
         req = next((s for s in spans if s["is_request"]), None)
         out: dict[str, Any] = {"trace_id": tid, "spans": spans, "events": events, "request": None}
+        if within is not None:
+            out["searched"] = {"start": iso(within[0]), "end": iso(within[1])}
         logs = _rows(con.execute(
-            "SELECT * EXCLUDE (attributes, resource_attributes) FROM logs WHERE trace_id = ? OR lower(kv_victim_trace_id) = ? ORDER BY time",
-            [tid, tid]))
+            f"""SELECT * EXCLUDE (attributes, resource_attributes) FROM logs
+                WHERE (trace_id = ? OR lower(kv_victim_trace_id) = ?) {tbound} ORDER BY time""",
+            [tid, tid, *bound_params]))
         out["logs"] = logs
         if req is None:
             return out

@@ -42,5 +42,7 @@ class PageContext:
     def incident_href(self, incident_id: str) -> str:
         return self.href(f"incident/{incident_id}")
 
-    def request_href(self, trace_id: str) -> str:
-        return self.href(f"request/{trace_id}")
+    def request_href(self, trace_id: str, at: Any = None) -> str:
+        """A request's page; ``at`` (a time it was live) lets the trace be found without reading every span."""
+        when = at.isoformat() if isinstance(at, dt.datetime) else (str(at) if at else None)
+        return self.href(f"request/{trace_id}", at=when)

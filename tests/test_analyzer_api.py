@@ -66,6 +66,15 @@ def test_http_api(make_server) -> None:
     assert {s["role"] for s in tr["spans"]} >= {"request", "queue", "prefill", "decode"}
     assert tr["overlapping_compiles"] and tr["gpu_samples"]
     assert tr["analysis"]["causes"][0]["cause"] == "compile_miss"
+    assert "searched" not in tr  # no time given: every span was looked at
+
+    # with a time it was live (what the dashboard's links pass), only spans near it are read: the same answer
+    near = get(f"/api/v1/traces/{victim['trace_id']}", around=victim["start"]).json()
+    assert near["searched"]["start"] < victim["start"] < near["searched"]["end"]
+    assert {k: v for k, v in near.items() if k != "searched"} == tr
+    # a wrong time finds no request there and falls back to looking everywhere
+    far = get(f"/api/v1/traces/{victim['trace_id']}", around="2026-01-01T00:00:00Z").json()
+    assert far == tr
 
     # errors: clear 400s / 404s in the project's error shape, never a traceback
     for path, params, status, words in [
@@ -76,6 +85,8 @@ def test_http_api(make_server) -> None:
         ("/api/v1/slow-requests", {"limit": "lots"}, 400, "limit"),
         ("/api/v1/traces/xyz", {}, 400, "32 hex"),
         ("/api/v1/traces/" + "ab" * 16, {}, 404, "no trace"),
+        ("/api/v1/traces/" + "ab" * 16, {"around": "soon"}, 400, "around"),
+        ("/api/v1/traces/" + "ab" * 16, {"around": "2026-11-20T12:00:00Z"}, 404, "no trace"),
         ("/api/v1/incidents/inc-1-deadbeef", {}, 404, "no incident"),
         ("/api/v1/incidents/nope", {}, 400, "incident id"),
     ]:

@@ -150,6 +150,7 @@ def test_overview_shows_the_incident_and_its_cause(parts: dict[str, Any], filled
     assert errors(slow) == []
     linked = {h.split("/dashboard/request/")[1].split("?")[0] for h in hrefs(slow) if "/dashboard/request/" in h}
     assert linked & set(sc.stalled_traces)
+    assert all("at=" in h for h in hrefs(slow) if "/dashboard/request/" in h)
 
 
 def test_incident_page_explains_with_evidence(parts: dict[str, Any], filled: Any) -> None:
@@ -169,6 +170,10 @@ def test_incident_page_explains_with_evidence(parts: dict[str, Any], filled: Any
     assert req_links
     linked = {h.split("/dashboard/request/")[1].split("?")[0] for h in req_links}
     assert linked & set(sc.stalled_traces)
+    # Each link says when the request ran, so its page finds the trace without reading every span.
+    assert all("at=" in h for h in req_links), req_links
+    path, _, search = req_links[0].partition("?")
+    assert errors(render(parts, path, "?" + search)) == []
 
 
 def test_request_page_shows_the_compile_that_stalled_it(parts: dict[str, Any], filled: Any) -> None:

@@ -109,7 +109,7 @@ def render(ctx: PageContext, incident_id: str) -> Any:
                     ),
                     html.Div([html.B("Recommendation: "), recommendation_text(c["recommendation"])], className="ts-rec") if recommendation_text(c.get("recommendation")) else None,
                     _bucket_table(c.get("recommendation")),
-                    html.Div([html.B("Evidence"), evidence_view(c.get("evidence"), ctx.request_href)], className="ts-evidence-block"),
+                    html.Div([html.B("Evidence"), evidence_view(c.get("evidence"), lambda t: ctx.request_href(t, at=inc.get("start")))], className="ts-evidence-block"),
                 ],
                 className="ts-cause-block",
                 id=f"cause-{cause}",
@@ -119,7 +119,7 @@ def render(ctx: PageContext, incident_id: str) -> Any:
     slow = inc.get("requests_detail") or []
     slow_rows = [
         [
-            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"]), className="ts-link request-link"),
+            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"], at=r.get("start")), className="ts-link request-link"),
             fmt_time(r.get("start")),
             fmt_ms(r.get("latency_ms")),
             fmt_ms(r.get("excess_ms")),

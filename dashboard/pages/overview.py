@@ -200,7 +200,7 @@ def slow_requests_table(ctx: PageContext, limit: int = 10) -> Any:
     slow = ctx.analyzer.slow_requests(service=ctx.state.service, start=start, end=end, limit=limit).get("requests", [])
     rows = [
         [
-            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"]), className="ts-link request-link"),
+            link(r["trace_id"][:16] + "…", ctx.request_href(r["trace_id"], at=r.get("start")), className="ts-link request-link"),
             r.get("service") or "–",
             fmt_time(r.get("start")),
             fmt_ms(r.get("latency_ms")),

@@ -155,7 +155,7 @@ def _list(d: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
 
 
 def render(ctx: PageContext, trace_id: str) -> Any:
-    data = ctx.analyzer.trace(trace_id)
+    data = ctx.analyzer.trace(trace_id, around=ctx.params.get("at"))
     req = data.get("request") or {}
     spans = _list(data, "spans")
     if not req:
@@ -194,7 +194,7 @@ def render(ctx: PageContext, trace_id: str) -> Any:
             [
                 html.Span(cause_label(c.get("cause", "unknown")), className=f"ts-cause cause-{c.get('cause', 'unknown')}"),
                 html.Span(f" {fmt_pct(c.get('share'))} · {fmt_ms(c.get('excess_ms'))} excess", className="ts-muted"),
-                html.Div(evidence_view(c.get("evidence"), ctx.request_href), className="ts-evidence-block") if c.get("evidence") else None,
+                html.Div(evidence_view(c.get("evidence"), lambda t: ctx.request_href(t, at=req.get("start_time"))), className="ts-evidence-block") if c.get("evidence") else None,
             ]
         )
         for c in causes
@@ -228,7 +228,7 @@ def render(ctx: PageContext, trace_id: str) -> Any:
                 html.Div(
                     [
                         "Longest member: ",
-                        link(f"{longest_trace[:16]}…", ctx.request_href(longest_trace), className="ts-link request-link") if longest_trace and longest_trace != trace_id else html.Span("this request" if longest_trace == trace_id else "–"),
+                        link(f"{longest_trace[:16]}…", ctx.request_href(longest_trace, at=req.get("start_time")), className="ts-link request-link") if longest_trace and longest_trace != trace_id else html.Span("this request" if longest_trace == trace_id else "–"),
                         html.Span(f" ({_first(longest, 'input_tokens', 'longest_tokens', 'len', default='?')} tokens)" if isinstance(longest, dict) and longest else "", className="ts-muted"),
                     ]
                 ),
