@@ -210,7 +210,7 @@ def detect(
             # An incident makes more requests slower than the usual p99 than
             # the usual 1 % (a binomial count, judged like the share signal),
             # so the p99 opens one only with that many of them behind it.
-            p99_open = v > base.open_threshold() and cl[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= _p99_support(cl[i]))
+            p99_open = v > base.open_threshold() and cl[i] >= P99_MIN_COUNT and (top is None or _above(top[i], base.median) >= p99_support(cl[i]))
             if p99_open or over_slo or s_open:
                 current = Spike(i, i, v, base.median, base.open_threshold(), over_slo, [i],
                                 tentative=not (p99_open or over_slo), share_base=sbase.median if sbase else 0.0)
@@ -316,7 +316,7 @@ SHARE_MIN_SLOW = 5
 SHARE_OPEN_SIGMAS = 5.0
 
 
-def _p99_support(n: int) -> float:
+def p99_support(n: int) -> float:
     """Requests above the usual p99 a window of ``n`` needs before its p99 can open an incident."""
     usual = 0.01 * n
     return max(SHARE_MIN_SLOW, usual + SHARE_OPEN_SIGMAS * usual ** 0.5)

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import duckdb
 
 from analyzer.baseline import Span, class_baselines, threshold_tables
+from analyzer.detect import p99_support
 from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
 from analyzer.timeutil import from_unix, unix
 
@@ -183,8 +184,8 @@ class WindowStats:
               tops: dict[tuple[str, int], Sequence[float]] | None = None) -> list[Row]:
         """(service, window, requests, p99, class-slow requests) per window of [lead, end), ordered.
 
-        ``tops``, when given, receives each window's largest latencies (descending, at least
-        its top 1 % and TOP_K_MIN of them, or all): what the p99 rests on.
+        ``tops``, when given, receives each window's largest latencies (descending): as many
+        as detection's p99 check can count (``detect.p99_support``), fewer if the window has fewer.
         """
         self._sync(con)
         th = self.thresholds(con, service, lead, end)
@@ -286,8 +287,10 @@ class WindowStats:
             p99 = p99_from_top(int(m), top or [])
             if p99 is None:
                 refill.append((s, int(w)))
-            # array('d'): a day of windows keeps ~2 900 top lists, 8 bytes a value instead of a float object's 32
-            out.setdefault(int(w), {})[s] = (int(n), p99 if p99 is not None else float("nan"), int(slow), array("d", top or ()))
+            # Detection reads a window's top values only to count how many exceed a baseline, up to
+            # p99_support(n): more are never needed, so only those are kept (array('d'): 8 bytes a value).
+            keep = math.ceil(p99_support(int(n))) + 1
+            out.setdefault(int(w), {})[s] = (int(n), p99 if p99 is not None else float("nan"), int(slow), array("d", (top or [])[:keep]))
         if refill:
             # Windows busier than the estimate: their exact p99 the plain way.
             exact = {(s, int(w)): float(p) for s, w, p in con.execute(
