@@ -13,9 +13,10 @@ and on the class thresholds, so:
   of the range, does not move them);
 - each whole window's figures are kept until a write lands in it: the
   store's span-write log says which start times each committed write
-  covered, so late spans from an agent's spool drop exactly the windows they
-  fall in; a store without the log, a write of unknown extent, or a row
-  count that moved without a logged write, drop everything.
+  covered (:mod:`analyzer.changes`), so late spans from an agent's spool drop
+  exactly the windows they fall in; a store without the log, a write of
+  unknown extent, or a row count that moved without a logged write, drop
+  everything.
 
 With thresholds that cannot be pinned (a range whose unfinished hour holds
 much of its data: a young store) every call computes everything, as before.
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 import duckdb
 
 from analyzer.baseline import Span, class_baselines, threshold_tables
+from analyzer.changes import Mark, since
 from analyzer.detect import p99_support
 from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
 from analyzer.timeutil import from_unix, unix
@@ -106,8 +108,7 @@ class WindowStats:
         self.slo = slo
         self.enabled = True
         self._lock = threading.Lock()
-        self._seq: int | None = None
-        self._rows: int | None = None
+        self._at: Mark | None = None  # the writes up to here are accounted for
         self._gen = 0
         self._thresholds: OrderedDict[tuple[str | None, datetime, datetime], _Thresholds] = OrderedDict()
         self._caches: OrderedDict[tuple[str | None, int, int], _Cache] = OrderedDict()  # (service, step, thresholds gen)
@@ -115,17 +116,15 @@ class WindowStats:
     # --- invalidation ---------------------------------------------------------
     def _sync(self, con: duckdb.DuckDBPyConnection) -> None:
         """Drop what the writes since the last call may have changed."""
-        log = getattr(self.store, "span_writes_since", None)
-        seq, ranges = log(self._seq if self._seq is not None else -1) if log is not None else (None, None)
-        rows = int(con.execute("SELECT count(*) FROM spans").fetchall()[0][0])  # after the log: see Store.span_writes_since
+        now, ranges = since(self.store, con, self._at)
         with self._lock:
-            if self._seq is None or ranges is None or (not ranges and rows != self._rows):
+            if ranges is None:
                 self._thresholds.clear()
                 self._caches.clear()
             else:
                 for lo, hi in ranges:
                     self._drop(lo, hi)
-            self._seq, self._rows = seq, rows
+            self._at = now
 
     def _drop(self, lo: float, hi: float) -> None:
         if math.isinf(lo) or math.isinf(hi):
