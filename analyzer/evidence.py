@@ -101,6 +101,7 @@ class Evidence:
     # (trace, span) of a queued slow request -> when its replica's queue was last empty before it arrived
     busy_since: dict[tuple[str, str], float] = field(default_factory=dict)
     step_s: int = 60
+    last_s: float = 0.0  # the latest end of the slow requests (unix s): the evidence reads nothing that started much later
     # lookup memos (filled on first use; the evidence does not change once gathered)
     _peer_memo: dict[tuple, float | None] = field(default_factory=dict, repr=False)
     _gpu_times: dict[tuple, list[float]] = field(default_factory=dict, repr=False)
@@ -177,6 +178,7 @@ def gather(
     try:
         lo_s = min(float(r["t0"]) for r in slow)
         hi_s = max(float(r["t1"]) for r in slow)
+        ev.last_s = hi_s
         lo, hi = _ts(lo_s), _ts(hi_s)
         _children(con, ev, slow)
         _busy_periods(con, ev, slow)

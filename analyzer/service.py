@@ -26,6 +26,7 @@ import numpy as np
 from analyzer import recommend
 from analyzer.attribute import attribute
 from analyzer.baseline import Span, class_baselines, slow_candidates
+from analyzer.changes import Kept, mark
 from analyzer.contrast import contrast
 from analyzer.detect import DAY_S, detect
 from analyzer.evidence import Evidence, gather
@@ -46,6 +47,7 @@ EXPLAIN_PER_INCIDENT = 1000  # slow requests explained per incident (a uniform s
 WINDOW_TARGET = 100  # requests a window should hold for its p99 to mean something
 _FACTORS = (1, 2, 5, 10, 15, 30, 60, 120, 240)
 REFERENCE_AFTER = timedelta(minutes=15)
+KEEP_PAD = timedelta(hours=1)  # how long after the last slow request ends a kept explanation still reads spans
 TRACE_AROUND = timedelta(hours=2)  # a trace looked up around a time: its spans that started this close to it
 MAX_POINTS = 20_000
 _ID = re.compile(r"^inc-(\d+)-([0-9a-f]{8})$")
@@ -278,6 +280,16 @@ class Analyzer:
         self._lock = threading.Lock()
         self.use_cache = True
         self.windows = WindowStats(store, self.slo)  # per-window figures, kept across calls until written to
+        self._kept = Kept(store)  # explained incidents, kept until a write lands in what they read
+
+    @property
+    def incremental(self) -> bool:
+        """Whether calls reuse what earlier calls computed from data no write has touched since (on by default)."""
+        return self.windows.enabled
+
+    @incremental.setter
+    def incremental(self, on: bool) -> None:
+        self.windows.enabled = on  # what is kept meanwhile stays checked against the writes since it was computed
 
     # --- plumbing -----------------------------------------------------------
     def _con(self) -> duckdb.DuckDBPyConnection:
@@ -480,6 +492,21 @@ class Analyzer:
                 incident_id(s["service"], unix(at), c) for c in (None, *CAUSES)})]
         if not spikes:
             return {"incidents": []}
+        # Incidents that ended a while ago keep their explanation until a write lands
+        # before its horizon (live spans land after it): see analyzer.changes.Kept.
+        key = ("explained", detail, only, json.dumps(spikes, sort_keys=True, default=str))
+        keep = self.incremental and not any(s["open"] for s in spikes)
+        if keep and (kept := self._kept.get(con, key)) is not None:
+            return kept
+        before = mark(self.store, con)
+        out, horizon_s = self._explain_spikes(con, spikes, detail, only)
+        if keep:
+            self._kept.put(key, out, before, horizon_s)
+        return out
+
+    def _explain_spikes(self, con: duckdb.DuckDBPyConnection, spikes: list[dict[str, Any]], detail: bool,
+                        only: str | None) -> tuple[dict[str, Any], float]:
+        """The incidents of ``spikes``, explained; and the latest start time (unix s) of any span they read."""
         ranges = [(s["service"], s["_a"], s["_b"]) for s in spikes]
         refs = _merge([Span(s["_a"] - REFERENCE_BEFORE, s["_b"] + REFERENCE_AFTER) for s in spikes])
         # Each incident's contrast needs only the ids of its explained requests, known
@@ -505,7 +532,10 @@ class Analyzer:
                                         Span(min(s["_a"] for s in spikes), max(s["_b"] for s in spikes)),
                                         refs, exclude=ranges, limit=EXPLAIN_PER_INCIDENT * len(ranges),
                                         per_range=EXPLAIN_PER_INCIDENT, on_candidates=start_contrasts)
-            return self._assemble(con, spikes, results, ev, early, job, detail, only)
+            out = self._assemble(con, spikes, results, ev, early, job, detail, only)
+            # Everything read started before the references end or the slow requests do
+            # (children and evidence of requests still running then: within KEEP_PAD).
+            return out, max(unix(max(r.end for r in refs)), ev.last_s) + KEEP_PAD.total_seconds()
         finally:
             if job is not None:
                 job.wait()  # the side cursor is closed only once its queries are done

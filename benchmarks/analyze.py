@@ -13,13 +13,13 @@ number of requests (generating 10 M takes minutes).
 empty; the OS page cache may be warm), "warm" = the same call again with the
 analyzer's result cache off (DuckDB buffers hot), "cached" = with the
 analyzer's result cache on (what a dashboard refresh of unchanged data gets).
-Cold and warm compute every window's figures (the kept-windows cache of
-``analyzer/windows.py`` off). "refresh" is what a live dashboard refresh or
-an alert evaluation pays: on a copy of the store, after each call ten seconds
-of new requests land in the last minute (the result cache is then stale),
-and the incident list is asked again, with the windows no write touched kept
-("refresh_s") and, alternately, with every window computed again
-("refresh_all_windows_s").
+Cold and warm compute everything (``Analyzer.incremental`` off: no kept
+windows of ``analyzer/windows.py``, no kept explanations of
+``analyzer/changes.py``). "refresh" is what a live dashboard refresh or an
+alert evaluation pays: on a copy of the store, after each call ten seconds of
+new requests land in the last minute (the result cache is then stale), and
+the incident list is asked again, reusing what no write touched
+("refresh_s") and, alternately, computing everything ("refresh_all_windows_s").
 With --repeat N every figure is the median of N measurements (each on a
 freshly opened store), the spread is kept under "runs_s".
 """
@@ -173,7 +173,7 @@ def measure(path: Path) -> dict[str, Any]:
         store = Store(path, read_only=True)  # a fresh connection: DuckDB's buffer pool is empty
         a = Analyzer(store)
         a.use_cache = False
-        a.windows.enabled = False
+        a.incremental = False
         cold, out = _time(lambda: call(a))
         warm, _ = _time(lambda: call(a))
         a.use_cache = True
@@ -230,7 +230,7 @@ def refresh(path: Path, rounds: int = 5) -> dict[str, Any]:
                 "model": ["tiny"] * per_10s, "input_tokens": [300] * per_10s, "output_tokens": [80] * per_10s,
             }))])
             key = "refresh_s" if k % 2 == 0 else "refresh_all_windows_s"
-            a.windows.enabled = key == "refresh_s"
+            a.incremental = key == "refresh_s"
             t, _ = _time(a.incidents)
             times[key].append(t)
         store.close()

@@ -20,10 +20,10 @@ STEP = 60
 LEAD, END = T0, T0 + timedelta(hours=2, minutes=5)  # 2 whole hours (pinned thresholds) and 5 minutes of the third
 
 
-def late(start_s: float, seed: int) -> World:
+def late(start_s: float, seed: int, sigma: float = 1.5) -> World:
     """A minute of extra traffic at ``start_s`` (seconds after T0): what a spooling agent delivers late."""
     w = World(seed=seed)
-    w.steady("chat-api", replicas(2), 1, 2, start_s=start_s, sigma=1.5)
+    w.steady("chat-api", replicas(2), 1, 2, start_s=start_s, sigma=sigma)
     w.render()
     return w
 
@@ -112,3 +112,40 @@ def test_callers_with_different_ranges_each_keep_their_windows(world_store: Stor
     assert [a.windows.stats(con, None, lead, end, STEP) for lead, end in calls] == first
     assert reads == []
     con.close()
+
+
+def test_an_explained_incident_is_kept_until_a_write_lands_in_what_it_read(tmp_path: Path) -> None:
+    """Spans arriving now (after the incident and its references) leave its explanation standing; a late span
+    inside it (a spool replayed) makes it computed again. Either way it equals a fresh analyzer's."""
+    w = World(seed=41)
+    reps = replicas(3)
+    w.steady("chat-api", reps, 180, 3)
+    for k in range(10):
+        w.compile_stall(reps[1], 30 * 60 + k * 20, 3.0, 600 + k)
+    w.render()
+    store = Store(tmp_path / "inc.duckdb")
+    try:
+        w.write(store)
+        a = Analyzer(store)
+        a.use_cache = False  # the result cache would hide nothing here (writes change the version), but be plain
+        first = a.incidents()
+        (inc,) = first["incidents"]
+        assert inc["causes"][0]["cause"] == "compile_miss" and not inc["open"]
+
+        late(175 * 60, seed=42, sigma=0.45).write(store)  # ordinary new spans, 2 h after the incident: outside what it read
+        second = a.incidents()
+        assert second is first  # kept, not computed again
+        assert second == Analyzer(store).incidents()
+
+        # Late, ordinary spans just after it, in the reference its baselines come from: the incident
+        # itself (its windows, the spike) does not move, but what explains it was read from there.
+        late(44 * 60, seed=43, sigma=0.45).write(store)
+        third = a.incidents()
+        assert [i["id"] for i in third["incidents"]] == [inc["id"]]
+        assert third is not first
+        assert third == Analyzer(store).incidents()
+
+        a.incremental = False  # everything computed on every call
+        assert a.incidents() is not a.incidents()
+    finally:
+        store.close()
