@@ -493,16 +493,22 @@ class Analyzer:
         if not spikes:
             return {"incidents": []}
         # Incidents that ended a while ago keep their explanation until a write lands
-        # before its horizon (live spans land after it): see analyzer.changes.Kept.
+        # before its horizon (live spans land after it); an open one changes with every write.
         key = ("explained", detail, only, json.dumps(spikes, sort_keys=True, default=str))
-        keep = self.incremental and not any(s["open"] for s in spikes)
+        return self._kept_or(con, key, lambda: self._explain_spikes(con, spikes, detail, only),
+                             keep=not any(s["open"] for s in spikes))
+
+    def _kept_or(self, con: duckdb.DuckDBPyConnection, key: tuple, compute: Any, keep: bool = True) -> Any:
+        """``compute()``'s value (it returns value, horizon), or the one kept from an earlier call while
+        no span write has landed at or before its horizon since (see :class:`analyzer.changes.Kept`)."""
+        keep = keep and self.incremental
         if keep and (kept := self._kept.get(con, key)) is not None:
             return kept
         before = mark(self.store, con)
-        out, horizon_s = self._explain_spikes(con, spikes, detail, only)
+        value, horizon_s = compute()
         if keep:
-            self._kept.put(key, out, before, horizon_s)
-        return out
+            self._kept.put(key, value, before, horizon_s)
+        return value
 
     def _explain_spikes(self, con: duckdb.DuckDBPyConnection, spikes: list[dict[str, Any]], detail: bool,
                         only: str | None) -> tuple[dict[str, Any], float]:
@@ -662,11 +668,15 @@ class Analyzer:
             rng = self._range(con, start, end)
             if rng is None:
                 return {"requests": []}
-            return self._cached(con, ("slow", service, rng, limit), lambda: self._slow(con, service, rng, limit))
+            return self._cached(con, ("slow", service, rng, limit),
+                                lambda: self._kept_or(con, ("slow", service, rng, limit), lambda: self._slow(con, service, rng, limit)))
         finally:
             con.close()
 
-    def _slow(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime], limit: int) -> dict[str, Any]:
+    def _slow(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime],
+              limit: int) -> tuple[dict[str, Any], float]:
+        """The slow requests of ``rng``; and the latest start time (unix s) of any span read (the range's
+        spikes depend on nothing after its end)."""
         spikes = self._spikes(con, service, rng)
         exclude = [(s["service"], s["_a"], s["_b"]) for s in spikes]
         services = [service] if service else None
@@ -674,8 +684,9 @@ class Analyzer:
         # incident (and may lie wholly inside a long one) also gets the hour before that incident,
         # the normal its own requests are judged against in the incident list.
         refs = _merge([Span(*rng)] + [Span(s["_a"] - REFERENCE_BEFORE, s["_a"]) for s in spikes if s["_a"] < rng[0]])
-        results, _ = self._explain(con, services, None, Span(*rng), refs, exclude=exclude, limit=limit)
-        return {"start": iso(rng[0]), "end": iso(rng[1]), "requests": results}
+        results, ev = self._explain(con, services, None, Span(*rng), refs, exclude=exclude, limit=limit)
+        horizon_s = max(unix(rng[1]), ev.last_s) + KEEP_PAD.total_seconds()
+        return {"start": iso(rng[0]), "end": iso(rng[1]), "requests": results}, horizon_s
 
     # --- one trace ----------------------------------------------------------
     def trace(self, trace_id: str, around: TimeLike = None) -> dict[str, Any]:

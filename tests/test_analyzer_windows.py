@@ -145,6 +145,15 @@ def test_an_explained_incident_is_kept_until_a_write_lands_in_what_it_read(tmp_p
         assert third is not first
         assert third == Analyzer(store).incidents()
 
+        # The slow requests of a range that ended before the new data: kept the same way.
+        past = (T0, T0 + timedelta(hours=1))
+        slow = a.slow_requests(start=past[0], end=past[1], limit=50)
+        late(178 * 60, seed=44, sigma=0.45).write(store)
+        assert a.slow_requests(start=past[0], end=past[1], limit=50) is slow
+        late(50 * 60, seed=45, sigma=0.45).write(store)
+        again = a.slow_requests(start=past[0], end=past[1], limit=50)
+        assert again is not slow and again == Analyzer(store).slow_requests(start=past[0], end=past[1], limit=50)
+
         a.incremental = False  # everything computed on every call
         assert a.incidents() is not a.incidents()
     finally:
