@@ -224,6 +224,7 @@ def test_shapes_page_lists_compiles_and_reasons(parts: dict[str, Any], filled: A
     # The longest stalls link to the slowest request each one stalled.
     linked = {h.split("/dashboard/request/")[1].split("?")[0] for h in hrefs(by_id(page, "compile-longest"))}
     assert linked and linked <= set(sc.stalled_traces)
+    assert all("at=" in h for h in hrefs(by_id(page, "compile-longest")))  # the compile's time: no full scan for the trace
     dist = by_id(page, "shape-distribution").figure
     assert {t.name for t in dist.data} >= {"padded shape the kernels ran", "input length (tokens)"}
 
@@ -237,6 +238,7 @@ def test_batching_page_finds_head_of_line_cases(parts: dict[str, Any], filled: A
     assert all(0 <= w <= 1 for w in waste.y if w is not None)
     links = [h for h in hrefs(page) if "/dashboard/request/" in h]
     assert len(links) >= 2
+    assert all("at=" in h for h in links)  # the batch's time
 
 
 def test_hours_page_heat_maps_per_service_and_provider(parts: dict[str, Any], filled: Any) -> None:

@@ -51,10 +51,10 @@ def render(ctx: PageContext) -> Any:
             f"{h['batch_min_len']} → {h['batch_max_len']}",
             fmt_pct(h.get("padding_waste")),
             fmt_ms(h.get("duration_ms")),
-            link(f"shortest ({h['shortest_len']} tok, {fmt_ms(h.get('shortest_latency_ms'))})", ctx.request_href(h["shortest_trace"]), className="ts-link request-link")
+            link(f"shortest ({h['shortest_len']} tok, {fmt_ms(h.get('shortest_latency_ms'))})", ctx.request_href(h["shortest_trace"], at=h.get("start_time")), className="ts-link request-link")
             if h.get("shortest_trace")
             else "–",
-            link(f"longest ({h['longest_len']} tok)", ctx.request_href(h["longest_trace"]), className="ts-link request-link") if h.get("longest_trace") else "–",
+            link(f"longest ({h['longest_len']} tok)", ctx.request_href(h["longest_trace"], at=h.get("start_time")), className="ts-link request-link") if h.get("longest_trace") else "–",
         ]
         for h in hol
     ]

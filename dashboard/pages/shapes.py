@@ -139,7 +139,7 @@ def render(ctx: PageContext) -> Any:
             e.get("compile_shape") or "–",
             fmt_ms(e["duration_ms"]),
             str(e["requests_overlapped"]),
-            link(f"{e['worst_trace'][:12]}… ({fmt_ms(e['worst_ms'])})", ctx.request_href(e["worst_trace"]), className="ts-link request-link") if e.get("worst_trace") else "–",
+            link(f"{e['worst_trace'][:12]}… ({fmt_ms(e['worst_ms'])})", ctx.request_href(e["worst_trace"], at=e.get("start_time")), className="ts-link request-link") if e.get("worst_trace") else "–",
         ]
         for e in longest
     ]
