@@ -29,8 +29,7 @@ class Mark:
 
 def mark(store: Any, con: duckdb.DuckDBPyConnection) -> Mark:
     """The moment to compare later writes with (take it before reading)."""
-    log = getattr(store, "span_writes_since", None)
-    seq = log(-1)[0] if log is not None else None
+    seq = getattr(store, "span_write_seq", None)
     return Mark(seq, _rows(con))  # the row count after the sequence: a write in between is seen as a write
 
 
@@ -95,7 +94,3 @@ class Kept:
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()

@@ -183,6 +183,12 @@ class Store:
         self._write_seq += 1
         self._span_writes.append((self._write_seq, lo, hi))
 
+    @property
+    def span_write_seq(self) -> int:
+        """The sequence number of the newest logged span write (0: none yet)."""
+        with self._write_lock:
+            return self._write_seq
+
     def span_writes_since(self, seq: int) -> tuple[int, list[tuple[float, float]] | None]:
         """(the current write sequence, the start_time ranges (unix s) of span writes after ``seq``).
 
