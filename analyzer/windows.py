@@ -43,6 +43,7 @@ from analyzer.timeutil import from_unix, unix
 SPIKE_SAMPLE = 100_000  # requests the spike thresholds are estimated from, at most
 TOP_K_MIN = 128
 PIN_SHARE = 0.9  # whole hours must hold this share of the range's requests for the thresholds to be pinned
+MAX_RANGES = 8  # holes among the kept windows read as separate ranges, at most (an OR of many is slow)
 MAX_CACHES = 8  # window caches (and threshold sets) kept: callers with different ranges (dashboard, alerts) each keep theirs
 
 Row = tuple[str, int, int, float, int]  # service, window, requests, p99 ms, class-slow requests
@@ -141,7 +142,9 @@ class WindowStats:
             if gen in stale:  # its thresholds will be estimated again: every window with them
                 del self._caches[key]
                 continue
-            for w in range(int(lo // step), int(hi // step) + 1):
+            a, b = int(lo // step), int(hi // step)
+            # a span with a far-off timestamp can make the range years wide: walk whichever is shorter
+            for w in range(a, b + 1) if b - a < len(cache.windows) else [w for w in cache.windows if a <= w <= b]:
                 cache.windows.pop(w, None)
 
     # --- thresholds -------------------------------------------------------------
@@ -211,6 +214,8 @@ class WindowStats:
                 ranges[-1][1] = max(ranges[-1][1], b)
             else:
                 ranges.append([a, b])
+        if len(ranges) > MAX_RANGES:  # kept windows read again inside it get the same figures
+            ranges = [[ranges[0][0], ranges[-1][1]]]
         fresh = self._read(con, service, lead, end, step, th, k, ranges) if ranges else {}
         if th.pinned and self.enabled:
             with self._lock:

@@ -7,7 +7,7 @@ kept windows save, the figures must equal a from-scratch pass.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -158,3 +158,21 @@ def test_an_explained_incident_is_kept_until_a_write_lands_in_what_it_read(tmp_p
         assert a.incidents() is not a.incidents()
     finally:
         store.close()
+
+
+def test_a_write_spanning_decades_drops_the_kept_windows_it_covers_without_walking_every_minute(world_store: Store) -> None:
+    """One batch with a span stamped 1970 (a client with no clock) and one now: its range covers every kept
+    window; they are found among the kept ones, not by counting 29 million minutes."""
+    import pyarrow as pa
+
+    a = Analyzer(world_store)
+    con = world_store.cursor()
+    a.windows.stats(con, None, LEAD, END, STEP)
+    stamps = [datetime(1970, 1, 1, 0, 0, 1), T0 + timedelta(seconds=2 * 3600 + 90)]
+    world_store.write([("spans", pa.table({
+        "trace_id": ["e" * 32, "f" * 32], "span_id": ["e" * 16, "f" * 16], "name": ["req", "req"], "kind": ["SERVER"] * 2,
+        "start_time": pa.array(stamps, pa.timestamp("us")), "end_time": pa.array(stamps, pa.timestamp("us")),
+        "duration_ms": [90_000.0, 90_000.0], "service_name": ["chat-api"] * 2, "role": ["request"] * 2,
+    }))])
+    assert a.windows.stats(con, None, LEAD, END, STEP) == Analyzer(world_store).windows.stats(world_store.cursor(), None, LEAD, END, STEP)
+    con.close()
