@@ -394,11 +394,6 @@ class Analyzer:
         return {"service": service, "model": model, "step_s": step, "start": iso(rng[0]), "end": iso(rng[1]), "points": points}
 
     # --- spikes -------------------------------------------------------------
-    def _window_stats(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime,
-                      step: int, tops: dict[tuple[str, int], list[float]] | None = None) -> list[tuple[str, int, int, float, int]]:
-        """(service, window, requests, p99, class-slow requests) per window (see :mod:`analyzer.windows`)."""
-        return self.windows.stats(con, service, lead, end, step, tops)
-
     def _spikes(self, con: duckdb.DuckDBPyConnection, service: str | None, rng: tuple[datetime, datetime]) -> list[dict[str, Any]]:
         """Incident skeletons (no causes yet) overlapping ``rng``, per service.
 
@@ -409,7 +404,7 @@ class Analyzer:
         lead = rng[0] - LEAD_IN
         by_service: dict[str, tuple[int, list[tuple[int, int, float, int]]]] = {}
         tops: dict[tuple[str, int], list[float]] = {}
-        for s, w, n, p99, slow in self._window_stats(con, service, lead, rng[1], self.step_s, tops):
+        for s, w, n, p99, slow in self.windows.stats(con, service, lead, rng[1], self.step_s, tops):
             by_service.setdefault(s, (self.step_s, []))[1].append((w, n, p99, slow))
         wide_tops: dict[str, dict[tuple[str, int], list[float]]] = {}
         for s, (step, series) in list(by_service.items()):
@@ -420,7 +415,7 @@ class Analyzer:
             factor = next((f for f in _FACTORS if median * f >= WINDOW_TARGET), _FACTORS[-1])
             wide = self.step_s * factor
             wide_tops[s] = {}
-            by_service[s] = (wide, [(w, n, p99, slow) for _, w, n, p99, slow in self._window_stats(con, s, lead, rng[1], wide, wide_tops[s])])
+            by_service[s] = (wide, [(w, n, p99, slow) for _, w, n, p99, slow in self.windows.stats(con, s, lead, rng[1], wide, wide_tops[s])])
         newest = self._newest(con)
         out = []
         lo_s, hi_s = unix(rng[0]), unix(rng[1])

@@ -48,7 +48,7 @@ def test_window_stats_equal_exact_quantiles(tmp_path, monkeypatch) -> None:
         for k_min in (128, 1):  # 1: every window is busier than k, so all go through the exact refill
             monkeypatch.setattr(windows, "TOP_K_MIN", k_min)
             monkeypatch.setattr(windows, "_request_total", lambda classes: 0)
-            got = {(s, k): (n, p) for s, k, n, p, _ in a._window_stats(con, None, lo, hi, 60)}
+            got = {(s, k): (n, p) for s, k, n, p, _ in a.windows.stats(con, None, lo, hi, 60)}
             assert got.keys() == want.keys()
             for key, (n, p) in want.items():
                 assert got[key][0] == n and got[key][1] == pytest.approx(p, rel=1e-12)
