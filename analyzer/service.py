@@ -67,6 +67,8 @@ def _merge(spans: list[Span]) -> list[Span]:
 MIN_RUN = 2  # windows a cause must dominate before an incident is split at it
 PARALLEL_SHARE = 0.2  # a cause of a side-by-side split explains at least this share of the run's attributed excess
 HOME_SHARE = 0.8  # its home replicas hold at least this share of its excess
+LOCAL_SHARE = 0.05  # a problem local to fewer replicas than the dominant one explains this share of the excess ...
+LOCAL_MIN = 5  # ... and is the largest cause of this many requests, to be split off (_local_within)
 
 
 def _home(excess_by_instance: dict[str, float]) -> set[str]:
@@ -82,6 +84,44 @@ def _home(excess_by_instance: dict[str, float]) -> set[str]:
     return out
 
 
+def _excess_by_cause(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Attributed excess (ms) per cause and instance (``unknown`` left out: it names no problem)."""
+    per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in results:
+        for c in r["causes"]:
+            if c["cause"] != "unknown":
+                per[c["cause"]][r.get("instance") or ""] += c["excess_ms"] or 0.0
+    return per
+
+
+def _top_cause(r: dict[str, Any]) -> str | None:
+    return max(r["causes"], key=lambda c: c["excess_ms"] or 0.0)["cause"] if r["causes"] else None
+
+
+def _piece(sp: dict[str, Any], i0: int, i1: int, cause: str | None = None, **flags: Any) -> dict[str, Any]:
+    """The part of incident ``sp`` over its windows ``i0..i1`` (a cause named: hashed into its id)."""
+    step, windows = sp["_step"], sp["_windows"]
+    a, b = windows[i0][0], windows[i1][0] + step
+    sub = dict(sp)
+    sub.update({
+        "id": incident_id(sp["service"], a, cause), "start": iso(from_unix(a)), "end": iso(from_unix(b)),
+        "_a": from_unix(a), "_b": from_unix(b),
+        "p99_ms": round(max(w[2] for w in windows[i0:i1 + 1]), 3),
+        "requests": sum(w[1] for w in windows[i0:i1 + 1]),
+        "open": sp["open"] and i1 == len(windows) - 1,
+        "split_from": sp["id"], **flags,
+    })
+    return sub
+
+
+def _claimed_windows(sp: dict[str, Any], mine: list[dict[str, Any]], cause: str) -> tuple[int, int]:
+    """First and last of ``sp``'s windows in which ``mine`` hold excess of ``cause`` (all of them when none)."""
+    step, windows = sp["_step"], sp["_windows"]
+    hit = {(unix(to_utc_naive(r["start"])) // step) * step for r in mine for c in r["causes"] if c["cause"] == cause}
+    idx = [i for i, w in enumerate(windows) if w[0] in hit] or list(range(len(windows)))
+    return idx[0], idx[-1]
+
+
 def _side_by_side(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]] | None:
     """Two problems on different replicas at the same time: one incident each, side by side (None: not that).
 
@@ -91,14 +131,10 @@ def _side_by_side(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tup
     not separate them when they overlap (the dominant cause flips from
     window to window). Each gets the requests on its home instances (the
     largest also those on no cause's), over the windows where it claims
-    excess. A service-wide cause (a surge) has every replica as its home, so
-    a local problem during it is split in time instead, as before.
+    excess. A service-wide cause (a surge) has every replica as its home:
+    a local problem during it is split off by ``_local_within`` instead.
     """
-    per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for r in results:
-        for c in r["causes"]:
-            if c["cause"] != "unknown":
-                per[c["cause"]][r.get("instance") or ""] += c["excess_ms"] or 0.0
+    per = _excess_by_cause(results)
     total = sum(sum(v.values()) for v in per.values())
     main = sorted((c for c, v in per.items() if total > 0 and sum(v.values()) >= PARALLEL_SHARE * total),
                   key=lambda c: -sum(per[c].values()))
@@ -107,26 +143,49 @@ def _side_by_side(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tup
     homes = {c: _home(per[c]) for c in main}
     if any(homes[a] & homes[b] for i, a in enumerate(main) for b in main[i + 1:]):
         return None
-    step, windows = sp["_step"], sp["_windows"]
     claimed = set().union(*homes.values())
     out = []
     for k, cause in enumerate(main):
         mine = [r for r in results if (r.get("instance") or "") in homes[cause] or (k == 0 and (r.get("instance") or "") not in claimed)]
-        hit = {(unix(to_utc_naive(r["start"])) // step) * step for r in mine for c in r["causes"] if c["cause"] == cause}
-        idx = [i for i, w in enumerate(windows) if w[0] in hit] or list(range(len(windows)))
-        i0, i1 = idx[0], idx[-1]
-        a, b = windows[i0][0], windows[i1][0] + step
-        sub = dict(sp)
-        sub.update({
-            "id": incident_id(sp["service"], a, None if k == 0 else cause), "start": iso(from_unix(a)), "end": iso(from_unix(b)),
-            "_a": from_unix(a), "_b": from_unix(b),
-            "p99_ms": round(max(w[2] for w in windows[i0:i1 + 1]), 3),
-            "requests": sum(w[1] for w in windows[i0:i1 + 1]),
-            "open": sp["open"] and i1 == len(windows) - 1,
-            "split_from": sp["id"], "side_by_side": True,
-        })
+        sub = _piece(sp, *_claimed_windows(sp, mine, cause), None if k == 0 else cause, side_by_side=True)
         out.append((sub, [r for r in mine if sub["start"] <= r["start"] < sub["end"]]))
     return out
+
+
+def _local_within(sp: dict[str, Any], results: list[dict[str, Any]]) -> tuple[list[tuple[dict[str, Any], list[dict[str, Any]]]], list[dict[str, Any]]] | None:
+    """A problem on some replicas inside a wider one (a KV squeeze on one replica during a surge on all).
+
+    The dominant cause holds most of the excess on every replica, so neither
+    a split in time (it dominates every window) nor side by side (the homes
+    overlap) separates the local one, yet it is a problem of its own with its
+    own fix. A cause whose home is fewer replicas than the dominant cause's,
+    that explains at least LOCAL_SHARE of the run's attributed excess and is
+    the largest cause of at least LOCAL_MIN requests, gets an incident of
+    those requests over the windows they fall in (``side_by_side: true``);
+    the wider incident keeps the rest. None: no such cause.
+    """
+    per = _excess_by_cause(results)
+    total = sum(sum(v.values()) for v in per.values())
+    ranked = sorted(per, key=lambda c: -sum(per[c].values()))
+    if len(ranked) < 2 or total <= 0:
+        return None
+    wide = len(_home(per[ranked[0]]))
+    out: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    taken: set[int] = set()
+    for cause in ranked[1:]:
+        if sum(per[cause].values()) < LOCAL_SHARE * total:
+            break
+        home = _home(per[cause])
+        if len(home) >= wide:
+            continue
+        mine = [r for r in results if (r.get("instance") or "") in home and id(r) not in taken and _top_cause(r) == cause]
+        if len(mine) < LOCAL_MIN:
+            continue
+        taken.update(id(r) for r in mine)
+        out.append((_piece(sp, *_claimed_windows(sp, mine, cause), cause, side_by_side=True), mine))
+    if not out:
+        return None
+    return out, [r for r in results if id(r) not in taken]
 
 
 def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -137,11 +196,25 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
     person fixing them, each with its own top cause and recommendation. A
     cause must dominate MIN_RUN windows to start its own incident; windows
     dominated by ``unknown`` never split one. Problems on different replicas
-    are split side by side first (``_side_by_side``).
+    are split side by side first (``_side_by_side``), a problem on a few
+    replicas inside a wider one next (``_local_within``; the wider one is
+    then split in time as before).
     """
     parallel = _side_by_side(sp, results)
     if parallel is not None:
         return parallel
+    local = _local_within(sp, results)
+    if local is not None:
+        pieces, rest = local
+        wider = _in_time(sp, rest)
+        if wider[0][0] is sp:  # not split: a copy, so its count is of the requests left to it
+            wider = [(dict(sp), rest)]
+        return wider + pieces
+    return _in_time(sp, results)
+
+
+def _in_time(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``_split``'s split in time: where the dominant cause changes for MIN_RUN windows (or one clearly)."""
     step, windows = sp["_step"], sp["_windows"]
     if len(windows) < 2 * MIN_RUN:
         return [(sp, results)]
@@ -186,20 +259,8 @@ def _split(sp: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[dict
             merged.append(run)
     if len(merged) == 1:
         return [(sp, results)]
-    out = []
-    for idx, (i0, i1, _) in enumerate(merged):
-        a, b = windows[i0][0], windows[i1][0] + step
-        sub = dict(sp)
-        sub.update({
-            "id": incident_id(sp["service"], a), "start": iso(from_unix(a)), "end": iso(from_unix(b)),
-            "_a": from_unix(a), "_b": from_unix(b),
-            "p99_ms": round(max(w[2] for w in windows[i0:i1 + 1]), 3),
-            "requests": sum(w[1] for w in windows[i0:i1 + 1]),
-            "open": sp["open"] and idx == len(merged) - 1,
-            "split_from": sp["id"],
-        })
-        out.append((sub, [r for r in results if sub["start"] <= r["start"] < sub["end"]]))
-    return out
+    return [(sub, [r for r in results if sub["start"] <= r["start"] < sub["end"]])
+            for sub in (_piece(sp, i0, i1) for i0, i1, _ in merged)]
 
 
 def incident_id(service: str, start_s: float, cause: str | None = None) -> str:

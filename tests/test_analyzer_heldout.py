@@ -248,6 +248,28 @@ def test_two_problems_on_different_replicas_at_once_are_two_incidents_side_by_si
         assert acc >= 0.9, got
 
 
+def test_a_problem_on_one_replica_during_a_surge_on_all_is_its_own_incident(tmp_path: Path) -> None:
+    """A surge on every replica and a KV squeeze on one, overlapping: saturation dominates every
+    window and every replica, so the split in time cut the run into a string of pieces whose top
+    cause flipped back and forth (seven here), and side by side did not apply (the homes overlap).
+    The squeeze is its own incident, on its replica; the surge keeps the rest."""
+    case = Case("surge_and_local_kv", replicas=4, rps=8, hours=1.5,
+                injections=[Injection("queue_saturation", 45 * M, 60 * M, None, 3.0), Injection("kv_eviction", 50 * M, 65 * M, 0, 4.0)],
+                seed=910)
+    _, incidents, _ = analyse(case, tmp_path)
+    mine = [i for i in incidents if i["start"] < at(65 * M) and i["end"] > at(45 * M)]
+    shown = [(i["start"], i["end"], [(c["cause"], c["share"]) for c in i["causes"]]) for i in mine]
+    assert sorted(i["causes"][0]["cause"] for i in mine) == ["kv_eviction", "queue_saturation"], shown
+    local = next(i for i in mine if i["causes"][0]["cause"] == "kv_eviction")
+    wide = next(i for i in mine if i["causes"][0]["cause"] == "queue_saturation")
+    assert local.get("side_by_side") and local["split_from"] == wide["id"] and local["id"] != wide["id"], shown
+    assert wide["start"] < local["start"], shown  # the surge began first
+    a = Analyzer(Store(tmp_path / f"{case.name}.duckdb"))
+    for inc in mine:
+        one = a.incident(inc["id"])
+        assert one["id"] == inc["id"] and one["causes"][0]["cause"] == inc["causes"][0]["cause"]
+
+
 def test_a_backlog_that_drains_for_hours_is_still_its_surges(tmp_path: Path) -> None:
     """A surge on a single replica that ran at ρ≈0.55: the backlog it built drains for hours after it
     ended. Requests queued in that drain are saturation's (the mean arrival rate over the busy period
