@@ -159,7 +159,7 @@ class WindowStats:
         ).fetchall()[0]
         pinned = pin.end > pin.start and inside > 0 and inside >= PIN_SHARE * total
         key = (service, pin.start, pin.end)
-        if pinned:
+        if pinned and self.enabled:
             with self._lock:
                 hit = self._thresholds.get(key)
                 if hit is not None:
@@ -175,7 +175,7 @@ class WindowStats:
         with self._lock:
             self._gen += 1
             th = _Thresholds(thr, thr0, _request_total(classes), span, pinned, self._gen)
-            if pinned:
+            if pinned and self.enabled:
                 self._thresholds[key] = th
                 while len(self._thresholds) > MAX_CACHES:
                     self._thresholds.popitem(last=False)

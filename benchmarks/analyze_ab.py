@@ -4,7 +4,8 @@ The shared machine's speed drifts by tens of percent within minutes, so a
 change is judged against its base in one sitting, alternating: each round
 starts a fresh process per side, which opens the store read-only, makes one
 call to warm DuckDB's buffers, then times ``--calls`` calls with the result
-cache off. Medians and minima over all timed calls per side.
+cache off and nothing kept across calls (``Analyzer.incremental`` off).
+Medians and minima over all timed calls per side.
 
     git worktree add /tmp/base 5eeb795
     .venv/bin/python benchmarks/analyze_ab.py --base /tmp/base --db /tmp/tailscope-bench/analyze-10000000.duckdb
@@ -29,6 +30,8 @@ from analyzer.service import Analyzer
 store = Store(sys.argv[2], read_only=True)
 a = Analyzer(store)
 a.use_cache = False
+if hasattr(a, "incremental"):  # versions that keep figures across calls: compute everything, as benchmarks/analyze.py's warm
+    a.incremental = False
 a.incidents()
 times = []
 for _ in range(int(sys.argv[3])):

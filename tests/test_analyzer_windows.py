@@ -99,6 +99,26 @@ def test_a_range_whose_unfinished_hour_holds_much_of_its_data_is_computed_every_
     con.close()
 
 
+def test_with_incremental_off_every_call_estimates_thresholds_and_reads_every_window(world_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What benchmarks/analyze.py calls "warm" (everything computed): not even the hour's thresholds are kept."""
+    import analyzer.windows as windows
+
+    a = Analyzer(world_store)
+    a.incremental = False
+    con = world_store.cursor()
+    estimates: list[object] = []
+    original = windows.class_baselines
+    monkeypatch.setattr(windows, "class_baselines", lambda *args, **kw: estimates.append(args) or original(*args, **kw))
+    first = a.windows.stats(con, None, LEAD, END, STEP)
+    assert a.windows.stats(con, None, LEAD, END, STEP) == first
+    assert len(estimates) == 2 and not a.windows._caches and not a.windows._thresholds
+    a.incremental = True
+    a.windows.stats(con, None, LEAD, END, STEP)
+    a.windows.stats(con, None, LEAD, END, STEP)
+    assert len(estimates) == 3  # on again: estimated once, then kept
+    con.close()
+
+
 def test_callers_with_different_ranges_each_keep_their_windows(world_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dashboard's day and the alert evaluator's hour pin different thresholds: neither evicts the other."""
     a = Analyzer(world_store)
