@@ -202,32 +202,43 @@ def gather(
     return ev
 
 
-def _time_ranges(slow: Sequence[dict[str, Any]], pad_s: float = 1.0, gap_s: float = 60.0, most: int = 64) -> list[tuple[datetime, datetime]]:
-    """The slow requests' lifetimes merged into a few time ranges (for zone-map pruning)."""
-    spans = sorted((float(r["t0"]) - pad_s, float(r["t1"]) + pad_s) for r in slow)
-    merged: list[list[float]] = []
-    for a, b in spans:
+def _time_ranges(slow: Sequence[dict[str, Any]], pad_s: float = 1.0, gap_s: float = 60.0,
+                 most: int = 64) -> list[tuple[datetime, datetime, list[str]]]:
+    """The slow requests' lifetimes merged into a few time ranges (for zone-map pruning), each with its requests' trace ids."""
+    spans = sorted((float(r["t0"]) - pad_s, float(r["t1"]) + pad_s, str(r["trace_id"])) for r in slow)
+    merged: list[list[Any]] = []
+    for a, b, tid in spans:
         if merged and a <= merged[-1][1] + gap_s:
             merged[-1][1] = max(merged[-1][1], b)
+            merged[-1][2].add(tid)
         else:
-            merged.append([a, b])
+            merged.append([a, b, {tid}])
     if len(merged) > most:
-        merged = [[merged[0][0], max(m[1] for m in merged)]]
-    return [(_ts(a), _ts(b)) for a, b in merged]
+        merged = [[merged[0][0], max(m[1] for m in merged), {t for m in merged for t in m[2]}]]
+    return [(_ts(a), _ts(b), sorted(ids)) for a, b, ids in merged]
+
+
+FEW_TRACES = 32  # a time range holding at most this many slow requests looks their trace ids up as a list
 
 
 def _children(con: duckdb.DuckDBPyConnection, ev: Evidence, slow: Sequence[dict[str, Any]]) -> None:
     # Child spans start inside their parent: scanning only the slow requests'
     # own time ranges keeps this cheap when they are scattered over a day.
-    ranges = _time_ranges(slow, most=200)
     cols = """c.trace_id, c.parent_span_id, c.span_id, c.role, epoch(c.start_time) AS a, epoch(c.end_time) AS b,
                 c.duration_ms, c.compile_kind, c.compile_reason, c.compile_shape, c.compile_cache, c.compile_backend,
                 c.compile_frame, c.gen_ai_system, c.server_address, c.provider_region, c.name"""
-    # One simple range per branch, so each branch prunes row groups on its own.
-    branch = f"""SELECT {cols} FROM spans c
+    # One simple range per branch, so each branch prunes row groups on its own. A range around
+    # a few scattered requests (a day's slowest) also lists their trace ids: the scan then drops
+    # the range's other spans before reading their columns (~2x cheaper than probing the pairs of each).
+    branches, params = [], []
+    for a, b, ids in _time_ranges(slow, most=200):
+        few = len(ids) <= FEW_TRACES
+        branches.append(f"""SELECT {cols} FROM spans c
            WHERE c.start_time >= ? AND c.start_time <= ? AND c.parent_span_id IS NOT NULL
-             AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM _slow)"""
-    cur = con.execute(" UNION ALL ".join(branch for _ in ranges), [x for r in ranges for x in r])
+             {"AND c.trace_id IN (" + ", ".join("?" for _ in ids) + ")" if few else ""}
+             AND (c.trace_id, c.parent_span_id) IN (SELECT trace_id, span_id FROM _slow)""")
+        params += [a, b, *(ids if few else [])]
+    cur = con.execute(" UNION ALL ".join(branches), params)
     for row in _rows(cur):
         ev.children[(row["trace_id"], row["parent_span_id"])].append(row)
 
