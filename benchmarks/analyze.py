@@ -14,8 +14,8 @@ empty; the OS page cache may be warm), "warm" = the same call again with the
 analyzer's result cache off (DuckDB buffers hot), "cached" = with the
 analyzer's result cache on (what a dashboard refresh of unchanged data gets).
 Cold and warm compute everything (``Analyzer.incremental`` off: no kept
-windows of ``analyzer/windows.py``, no kept explanations of
-``analyzer/changes.py``). "refresh" is what a live dashboard refresh or an
+windows or spike thresholds of ``analyzer/windows.py``, no kept explanations
+of ``analyzer/changes.py``). "refresh" is what a live dashboard refresh or an
 alert evaluation pays: on a copy of the store, after each call ten seconds of
 new requests land in the last minute (the result cache is then stale), and
 the incident list is asked again, reusing what no write touched
