@@ -21,7 +21,10 @@ new requests land in the last minute (the result cache is then stale), and
 the incident list is asked again, reusing what no write touched
 ("refresh_s") and, alternately, computing everything ("refresh_all_windows_s").
 With --repeat N every figure is the median of N measurements (each on a
-freshly opened store), the spread is kept under "runs_s".
+freshly opened store), the spread is kept under "runs_s". "warm_cpu_s" is the
+CPU time of the whole process during the warm call: steadier than wall time
+on a shared machine whose speed moves between sittings (on 2 cores, wall time
+is at least about half of it).
 """
 
 from __future__ import annotations
@@ -175,11 +178,13 @@ def measure(path: Path) -> dict[str, Any]:
         a.use_cache = False
         a.incremental = False
         cold, out = _time(lambda: call(a))
+        cpu = time.process_time()  # every thread of the process (DuckDB's workers, the contrast thread)
         warm, _ = _time(lambda: call(a))
+        warm_cpu = round(time.process_time() - cpu, 3)
         a.use_cache = True
         call(a)
         cached, _ = _time(lambda: call(a))
-        results[name] = {"cold_s": cold, "warm_s": warm, "cached_s": cached}
+        results[name] = {"cold_s": cold, "warm_s": warm, "cached_s": cached, "warm_cpu_s": warm_cpu}
         if name == "incidents":
             incs = out["incidents"]
             results["found"] = [{"start": i["start"], "end": i["end"], "top_cause": i["causes"][0]["cause"] if i["causes"] else None,
