@@ -190,6 +190,9 @@ class Lab:
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1) if lat else None,
             "kv_evictions": sum(1 for run in runs.values() for e in run.kv_log if e.reason != "preemption"),
             "preemptions": sum(1 for run in runs.values() for e in run.kv_log if e.reason == "preemption"),
+            # How fast this sitting's machine was: service times are measured CPU time x scale, so the
+            # same scenario saturates a faster machine's replicas less (compare runs by this too).
+            "decode_step_ms": round(self.cost.decode_step(1) * 1000, 4),
         }
         return ScenarioResult(
             name=scn.name, service=scn.service, start=base_epoch, end=base_epoch + scn.duration, injections=injections,
