@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", default=",".join(CATALOG), help="comma-separated (default: all)")
     ap.add_argument("--keep", default=None, help="keep the store and truth files in this folder (default: a temp dir)")
-    ap.add_argument("--scale", type=float, default=LabConfig.scale, help="virtual seconds per measured CPU second")
+    ap.add_argument("--scale", type=float, default=LabConfig.scale, help="virtual seconds per CPU second of the reference machine")
+    ap.add_argument("--own-speed", action="store_true",
+                    help="time the scenarios by this machine's speed as measured (no normalization to the reference machine)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ap.add_argument("--rescore", default=None, help="score again the store and truth a --keep run left in this folder (no lab run)")
     args = ap.parse_args(argv)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:
-        results = run_scenarios(names, base, folder / "truth", LabConfig(scale=args.scale), progress=say)
+        results = run_scenarios(names, base, folder / "truth", LabConfig(scale=args.scale, reference_work_ms=None if args.own_speed else LabConfig.reference_work_ms), progress=say)
         lab_wall = time.monotonic() - t0
         scores: dict[str, dict[str, Any]] = {}
         t1 = time.monotonic()

@@ -223,6 +223,11 @@ class CostModel:
         n = batch * length
         return max(self.a + self.b * n + self.c * n * length, 1e-5)
 
+    def reference_work(self) -> float:
+        """The CPU seconds of a fixed piece of work (a 4 x 64 prefill and 16 decode steps at batch 4):
+        how fast this machine is at the moment, for :class:`lab.runner.Lab`'s time scale."""
+        return self.prefill(4, 64) + 16 * self.decode_step(4)
+
     def decode_step(self, batch: int) -> float:
         keys = sorted(self.step)
         for k in keys:

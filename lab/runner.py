@@ -27,11 +27,23 @@ from lab.sim import ReplicaRun, simulate
 Progress = Callable[[str], None]
 
 
+# CostModel.reference_work() in the sitting of 2026-12-06 15:11 (decode step at batch 1 0.435 ms; the
+# work measured 20.7x the decode step in four calibrations a minute later), where every scenario injected
+# its designed effect (the surge saturated both replicas: p50 6.2 s; control p50 0.49 s). Sittings that
+# day ranged over about 0.5x-1.5x of it (control p50 0.23-0.74 s).
+REFERENCE_WORK_MS = 9.0
+
+
 @dataclass
 class LabConfig:
     """Knobs of a lab run (not server settings: the lab is a client)."""
 
-    scale: float = 10.0  # virtual seconds per measured CPU second (the lab's "model size")
+    scale: float = 10.0  # virtual seconds per CPU second of the reference machine (the lab's "model size")
+    # The calibration workload's CPU time (CostModel.reference_work) on the machine state the scenarios
+    # were designed on. Measured costs are scaled by reference / measured, so a scenario injects the same
+    # effect whatever this shared machine's speed at the moment (a fast sitting's replicas would otherwise
+    # have the capacity to absorb the ×5 surge). None: this machine's own speed, as measured.
+    reference_work_ms: float | None = REFERENCE_WORK_MS
     backend: str = "eager"  # torch.compile backend; eager recompiles in tenths of a second, inductor in seconds
     recompile_limit: int = 64
     seed: int = 0
@@ -89,6 +101,10 @@ class Lab:
         torch.set_num_threads(1)  # one intra-op thread: CPU-time measurements stay per thread
         self.model = build_model(self.config.seed)
         self.cost = calibrate(self.model)
+        self.measured_work_ms = self.cost.reference_work() * 1000
+        ref = self.config.reference_work_ms
+        # virtual seconds per measured CPU second in this run
+        self.scale = self.config.scale * (ref / self.measured_work_ms if ref else 1.0)
         self._runs = 0
 
     def close(self) -> None:
@@ -127,7 +143,7 @@ class Lab:
                     last[0] = now
                     self.progress(f"replica-{r}: {done}/{total} requests served")
 
-            runs[r] = simulate(r, mine, spec, self.cost, self.config.scale, executor=ex,
+            runs[r] = simulate(r, mine, spec, self.cost, self.scale, executor=ex,
                                on_window=burner.toggle if burner else None, progress=tick,
                                execute_all=self.config.execute_all)
         return runs
@@ -145,10 +161,10 @@ class Lab:
         compile_costs = {r: run.compile_costs for r, run in runs.items()}
         load_real = {r: run.loads[0].real_seconds for r, run in runs.items() if run.loads}
         self.progress("labelling: counterfactual reruns")
-        labels = truth.label(scn, actual, self.cost, self.config.scale, compile_costs, load_real, base_epoch, self.progress)
+        labels = truth.label(scn, actual, self.cost, self.scale, compile_costs, load_real, base_epoch, self.progress)
         self.progress("sending telemetry")
         if scn.provider is None:
-            emitted = emit_chat(scn, runs, base_epoch, endpoint, self.config.scale, token, self.progress)
+            emitted = emit_chat(scn, runs, base_epoch, endpoint, self.scale, token, self.progress)
         else:
             emitted = emit_gateway(scn, actual, base_epoch, endpoint, token)
         injections = self._windows(scn, base_epoch, labels, runs)
@@ -160,7 +176,7 @@ class Lab:
             "start": iso(base_epoch),
             "end": iso(base_epoch + scn.duration),
             "base_epoch": base_epoch,
-            "scale": self.config.scale,
+            "scale": self.scale,
             "backend": self.config.backend,
             "thresholds": {"slow_abs_s": truth.SLOW_ABS_S, "slow_rel": truth.SLOW_REL},
             "injections": injections,
@@ -190,9 +206,9 @@ class Lab:
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1) if lat else None,
             "kv_evictions": sum(1 for run in runs.values() for e in run.kv_log if e.reason != "preemption"),
             "preemptions": sum(1 for run in runs.values() for e in run.kv_log if e.reason == "preemption"),
-            # How fast this sitting's machine was: service times are measured CPU time x scale, so the
-            # same scenario saturates a faster machine's replicas less (compare runs by this too).
+            # How fast this sitting's machine was, and the time scale that made up for it.
             "decode_step_ms": round(self.cost.decode_step(1) * 1000, 4),
+            "reference_work_ms": round(self.measured_work_ms, 3), "scale": round(self.scale, 3),
         }
         return ScenarioResult(
             name=scn.name, service=scn.service, start=base_epoch, end=base_epoch + scn.duration, injections=injections,

@@ -40,6 +40,16 @@ def scenario(data_dir: Path) -> Scenario:
     return Scenario("e2e_mix", "test", "lab-e2e", 180.0, specs, reqs, inj)
 
 
+def test_the_time_scale_makes_up_for_the_machines_speed() -> None:
+    """A scenario must inject the same effect on a fast sitting as on a slow one: the fixed calibration
+    workload always lasts scale x reference on the virtual clock; without a reference, the machine's own time."""
+    with Lab(LabConfig(scale=10.0, reference_work_ms=None)) as raw:
+        assert raw.scale == 10.0
+    with Lab(LabConfig(scale=10.0, reference_work_ms=9.0)) as lab:
+        assert lab.cost.reference_work() * lab.scale == pytest.approx(10.0 * 9.0 / 1000)
+        assert lab.measured_work_ms == pytest.approx(lab.cost.reference_work() * 1000)
+
+
 @pytest.mark.slow
 def test_short_scenario_fills_the_telemetry_tables(make_server: Any, shared_data: Path, tmp_path: Path) -> None:
     srv = make_server()
@@ -91,6 +101,7 @@ def test_short_scenario_fills_the_telemetry_tables(make_server: Any, shared_data
     # the ground truth sits next to the run, keyed by the trace ids the server holds, and never in the store
     truth = json.loads(Path(res.truth_path).read_text())
     assert len(truth["requests"]) == n
+    assert truth["scale"] == pytest.approx(lab.scale)  # the time scale the run used, after the speed normalization
     ids = {r[0] for r in srv.sql("select trace_id from spans where role = 'request' and service_name = 'lab-e2e'")}
     assert {r["trace_id"] for r in truth["requests"]} == ids
     slow = [r for r in truth["requests"] if r["slow"]]
