@@ -208,7 +208,7 @@ class Lab:
             "preemptions": sum(1 for run in runs.values() for e in run.kv_log if e.reason == "preemption"),
             # How fast this sitting's machine was, and the time scale that made up for it.
             "decode_step_ms": round(self.cost.decode_step(1) * 1000, 4),
-            "reference_work_ms": round(self.measured_work_ms, 3), "scale": round(self.scale, 3),
+            "measured_work_ms": round(self.measured_work_ms, 3), "scale": round(self.scale, 3),
         }
         return ScenarioResult(
             name=scn.name, service=scn.service, start=base_epoch, end=base_epoch + scn.duration, injections=injections,
