@@ -275,6 +275,18 @@ def replicas(n: int, host_of: Any = None) -> list[Replica]:
     return [Replica(f"replica-{i}", host_of(i) if host_of else f"node-{i // 2}", i % 2, 1000 + i) for i in range(n)]
 
 
+def steady_store(path: Any, seed: int, minutes: float = 130, rps: float = 1.5) -> Any:
+    """A new store at ``path`` holding ``minutes`` of steady chat-api traffic on two replicas (open: close it)."""
+    from collector.store import Store
+
+    w = World(seed=seed)
+    w.steady("chat-api", replicas(2), minutes, rps)
+    w.render()
+    store = Store(path)
+    w.write(store)
+    return store
+
+
 def top_cause(result: dict) -> str | None:
     causes = result.get("causes") or []
     return causes[0]["cause"] if causes else None

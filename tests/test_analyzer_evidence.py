@@ -6,17 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from analyzer_world import World, replicas
+from analyzer_world import steady_store
 from collector.store import Store
 
 
 @pytest.fixture()
 def store(tmp_path: Path):
-    w = World(seed=31)
-    w.steady("chat-api", replicas(2), 130, 1.5)
-    w.render()
-    s = Store(tmp_path / "w.duckdb")
-    w.write(s)
+    s = steady_store(tmp_path / "w.duckdb", seed=31)
     yield s
     s.close()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from analyzer.service import Analyzer
-from analyzer_world import T0, World, replicas
+from analyzer_world import T0, World, replicas, steady_store
 from collector.store import Store
 
 STEP = 60
@@ -30,11 +30,7 @@ def late(start_s: float, seed: int, sigma: float = 1.5) -> World:
 
 @pytest.fixture()
 def world_store(tmp_path: Path):
-    w = World(seed=21)
-    w.steady("chat-api", replicas(2), 130, 1.5)
-    w.render()
-    store = Store(tmp_path / "w.duckdb")
-    w.write(store)
+    store = steady_store(tmp_path / "w.duckdb", seed=21)
     yield store
     store.close()
 
