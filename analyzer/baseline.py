@@ -49,11 +49,22 @@ class Span:
     end: datetime
 
 
-def _service_filter(services: Sequence[str] | None) -> tuple[str, list[Any]]:
+def service_filter(services: Sequence[str] | None) -> tuple[str, list[Any]]:
+    """A predicate on ``service_name`` for these services (``TRUE``: all) and its parameters."""
     if not services:
         return "TRUE", []
     marks = ", ".join("?" for _ in services)
     return f"service_name IN ({marks})", list(services)
+
+
+def slo_case(slo: dict[str, float], col: str) -> tuple[str, list[Any]]:
+    """The p99 objective (ms) of the service in ``col`` as SQL (NULL where none is set), and its parameters."""
+    if not slo:
+        return "NULL::DOUBLE", []
+    params: list[Any] = []
+    for name, v in slo.items():
+        params += [name, float(v)]
+    return f"CASE {col} {' '.join('WHEN ? THEN ?' for _ in slo)} ELSE NULL END", params
 
 
 def _ranges_filter(col: str, ranges: Sequence[tuple[str, datetime, datetime]], negate: bool) -> tuple[str, list[Any]]:
@@ -76,7 +87,7 @@ def _spans_filter(col: str, spans: Sequence[Span]) -> tuple[str, list[Any]]:
 
 
 def count_requests(con: duckdb.DuckDBPyConnection, services: Sequence[str] | None, refs: Sequence[Span]) -> int:
-    svc_sql, svc_params = _service_filter(services)
+    svc_sql, svc_params = service_filter(services)
     rng_sql, rng_params = _spans_filter("start_time", refs)
     return int(con.execute(
         f"SELECT count(*) FROM spans WHERE {REQUEST_PREDICATE} AND {rng_sql} AND {svc_sql}", [*rng_params, *svc_params]
@@ -90,6 +101,7 @@ def class_baselines(
     exclude: Sequence[tuple[str, datetime, datetime]],
     components: bool = True,
     sample: int = REFERENCE_SAMPLE,
+    total: int | None = None,
 ) -> "Any":
     """Per class and level: n, p50/p90 latency and median of each component (Arrow table).
 
@@ -101,13 +113,15 @@ def class_baselines(
     incident ids). Component medians come from every request of a recent
     slice of each range (:func:`_component_slices`), read with their stage
     spans. ``components=False`` skips that (spike detection needs only the
-    latency thresholds).
+    latency thresholds). ``total``: the requests in ``ref``, when the caller
+    has counted them already (it sets the sample rate).
     """
     refs = [ref] if isinstance(ref, Span) else list(ref)
-    svc_sql, svc_params = _service_filter(services)
+    svc_sql, svc_params = service_filter(services)
     ex_sql, ex_params = _ranges_filter("start_time", exclude, negate=True)
     rng_sql, rng_params = _spans_filter("start_time", refs)
-    total = count_requests(con, services, refs)
+    if total is None:
+        total = count_requests(con, services, refs)
     keep = 10_000 if total <= sample else max(1, int(10_000 * sample / total))
     sample_sql = "TRUE" if keep >= 10_000 else f"hash(start_time) % 10000 < {keep}"
     latency_aggs = ("count(*) AS n, quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms, "
@@ -189,7 +203,7 @@ def _component_slices(
     the first excluded range (the incident) inside it begins: the normal
     just before the incident, not the backlog draining after it.
     """
-    svc_sql, svc_params = _service_filter(services)
+    svc_sql, svc_params = service_filter(services)
     seconds = sum((r.end - r.start).total_seconds() for r in refs) or 1.0
     busy = total > COMPONENT_REQUESTS
     length = max(COMPONENT_MIN_SLICE, min(COMPONENT_SLICE, timedelta(seconds=COMPONENT_REQUESTS / len(refs) * seconds / max(total, 1))))
@@ -316,13 +330,9 @@ def slow_candidates(
     count) on each row: enough to estimate an incident's cause shares
     without explaining thousands of requests one by one.
     """
-    svc_sql, svc_params = _service_filter(services)
+    svc_sql, svc_params = service_filter(services)
     rg_sql, rg_params = _ranges_filter("start_time", ranges or (), negate=False) if ranges is not None else ("TRUE", [])
-    slo_sql = " ".join("WHEN ? THEN ?" for _ in slo)
-    slo_params: list[Any] = []
-    for k, v in slo.items():
-        slo_params += [k, float(v)]
-    slo_expr = f"CASE r.service {slo_sql} ELSE NULL END" if slo else "NULL::DOUBLE"
+    slo_expr, slo_params = slo_case(slo, "r.service")
     x = expectation(classes_name)
     exp_comps = ", ".join(f"{x.pick(c + '_ms')} * {x.scale} AS exp_{c}_ms" for c in COMPONENTS)
     range_cols, qualify, range_params = "", "", []
@@ -338,7 +348,7 @@ def slow_candidates(
         con.register("_pthr", thr)
         con.register("_pthr0", thr0)
         joins_pre = "LEFT JOIN _pthr pt USING (service, model, ib, ob) LEFT JOIN _pthr0 pt0 USING (service)"
-        slo_pre = (" OR " + slo_expr.replace("r.service", "service") + " IS NOT NULL") if slo else ""
+        slo_pre = (" OR " + slo_case(slo, "service")[0] + " IS NOT NULL") if slo else ""
         prefilter = f"AND (latency_ms > {PREFILTER} * coalesce(pt.thr, pt0.thr, 0){slo_pre})"
     slow_sql = (
         "trace_id = ?"

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from analyzer.baseline import Span, class_baselines, threshold_tables
+from analyzer.baseline import Span, class_baselines, service_filter, slo_case, threshold_tables
 from analyzer.changes import Mark, since
 from analyzer.detect import p99_support
 from analyzer.requests import LATENCY_MS, REQUEST_PREDICATE, length_bucket
@@ -150,12 +150,12 @@ class WindowStats:
     # --- thresholds -------------------------------------------------------------
     def thresholds(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime) -> _Thresholds:
         """Class-slow thresholds for detection over [lead, end), pinned to whole hours when they hold nearly all of it."""
-        svc, params = ("AND service_name = ?", [service]) if service else ("", [])
+        svc, params = service_filter([service] if service else None)
         pin = Span(_floor_hour(lead), _floor_hour(end))
-        total, inside = con.execute(
-            f"""SELECT count(*), count(*) FILTER (WHERE start_time < ?) FROM spans
-                WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}""",
-            [pin.end, pin.start, end, *params],
+        total, inside, unpinned = con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE start_time < ?), count(*) FILTER (WHERE start_time >= ?) FROM spans
+                WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc}""",
+            [pin.end, lead, pin.start, end, *params],
         ).fetchall()[0]
         pinned = pin.end > pin.start and inside > 0 and inside >= PIN_SHARE * total
         key = (service, pin.start, pin.end)
@@ -166,7 +166,8 @@ class WindowStats:
                     self._thresholds.move_to_end(key)
                     return hit
         span = pin if pinned else Span(lead, end)
-        classes = class_baselines(con, [service] if service else None, span, (), components=False, sample=SPIKE_SAMPLE)
+        classes = class_baselines(con, [service] if service else None, span, (), components=False, sample=SPIKE_SAMPLE,
+                                  total=inside if pinned else unpinned)  # the requests of ``span``, counted above
         con.register("_sclasses", classes)
         try:
             thr, thr0 = threshold_tables(con, "_sclasses")
@@ -254,14 +255,10 @@ class WindowStats:
     def _read(self, con: duckdb.DuckDBPyConnection, service: str | None, lead: datetime, end: datetime, step: int,
               th: _Thresholds, k: int, ranges: list[list[datetime]]) -> dict[int, dict[str, tuple[int, float, int, Sequence[float]]]]:
         """One pass over the requests of ``ranges``: window -> service -> (n, p99, slow, top)."""
-        svc, svc_params = ("AND service_name = ?", [service]) if service else ("", [])
+        svc, svc_params = service_filter([service] if service else None)
         rng = " OR ".join("(start_time >= ? AND start_time < ?)" for _ in ranges)
         rng_params = [x for r in ranges for x in r]
-        slo_case = " ".join("WHEN ? THEN ?" for _ in self.slo)
-        slo_params: list[Any] = []
-        for name, v in self.slo.items():
-            slo_params += [name, float(v)]
-        slo_expr = f"CASE r.service {slo_case} ELSE NULL END" if self.slo else "NULL::DOUBLE"
+        slo_expr, slo_params = slo_case(self.slo, "r.service")
         con.register("_thr", th.thr)
         con.register("_thr0", th.thr0)
         try:
@@ -273,7 +270,7 @@ class WindowStats:
                         SELECT service_name AS service, coalesce(model, '') AS model,
                             {length_bucket('input_tokens')} AS ib, {length_bucket('output_tokens')} AS ob,
                             {LATENCY_MS} AS latency_ms, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w
-                        FROM spans WHERE {REQUEST_PREDICATE} AND ({rng}) {svc}
+                        FROM spans WHERE {REQUEST_PREDICATE} AND ({rng}) AND {svc}
                           AND service_name IS NOT NULL
                     )
                     SELECT r.service, r.w, count(*) AS n, count(r.latency_ms) AS m, max(r.latency_ms, {k}) AS top,
@@ -299,7 +296,7 @@ class WindowStats:
             # Windows busier than the estimate: their exact p99 the plain way.
             exact = {(s, int(w)): float(p) for s, w, p in con.execute(
                 f"""SELECT service_name, CAST(floor(epoch(start_time) / {step}) AS BIGINT) AS w, quantile_cont({LATENCY_MS}, 0.99)
-                    FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? {svc}
+                    FROM spans WHERE {REQUEST_PREDICATE} AND start_time >= ? AND start_time < ? AND {svc}
                       AND service_name IS NOT NULL
                       AND CAST(floor(epoch(start_time) / {step}) AS BIGINT) IN ({', '.join(str(w) for _, w in refill)})
                     GROUP BY ALL""", [lead, end, *svc_params]).fetchall()}
