@@ -348,7 +348,8 @@ def slow_candidates(
         con.register("_pthr", thr)
         con.register("_pthr0", thr0)
         joins_pre = "LEFT JOIN _pthr pt USING (service, model, ib, ob) LEFT JOIN _pthr0 pt0 USING (service)"
-        slo_pre = (" OR " + slo_case(slo, "service")[0] + " IS NOT NULL") if slo else ""
+        # (qualified: the threshold tables joined here have a service column too)
+        slo_pre = (" OR " + slo_case(slo, "r0.service")[0] + " IS NOT NULL") if slo else ""
         prefilter = f"AND (latency_ms > {PREFILTER} * coalesce(pt.thr, pt0.thr, 0){slo_pre})"
     slow_sql = (
         "trace_id = ?"

@@ -335,3 +335,25 @@ def test_a_short_historys_chance_scatter_is_not_taken_for_clustering() -> None:
     share = (slow / count).tolist()
     assert share_baseline(share, slow, count, list(range(12))).dispersion == 1.0
     assert [(s.first, s.last) for s in detect(t, count, p99, step_s=120, slow=slow)] == [(12, 12)]
+
+
+def test_an_slo_per_service_opens_and_explains_incidents(tmp_path: Path) -> None:
+    """With `slo_ms` set, slow-request selection's prefilter named `service` unqualified beside the
+    class-threshold tables (which have one too): every incident list and slow-request table failed
+    with a binder error. Set between the normal p99 and the incident's, the SLO opens the same
+    incident, explained the same way, and every request over it that has a baseline is slow."""
+    from tailscope.config import load
+
+    case = Case("slo", replicas=4, rps=8, hours=1.5, injections=[Injection("kv_eviction", 45 * M, 60 * M, 0, 4.0)], seed=911)
+    sim, incidents, slow = analyse(case, tmp_path)
+    mine = [i for i in incidents if i["start"] < at(60 * M) and i["end"] > at(45 * M)]
+    assert mine and mine[0]["causes"][0]["cause"] == "kv_eviction"
+    slo_ms = 2 * mine[0]["baseline_p99_ms"]
+    assert slo_ms < mine[0]["p99_ms"]
+    a = Analyzer(Store(tmp_path / f"{case.name}.duckdb"), load({"slo_ms": f"{case.service}={slo_ms:.0f}"}, environ={}))
+    start, end = T0, T0 + timedelta(seconds=case.duration + 600)
+    with_slo = [i for i in a.incidents(case.service, start, end)["incidents"] if i["start"] < at(60 * M) and i["end"] > at(45 * M)]
+    assert with_slo and with_slo[0]["slo_ms"] == round(slo_ms) and with_slo[0]["causes"][0]["cause"] == "kv_eviction"
+    listed = a.slow_requests(case.service, start, end, limit=5000)["requests"]
+    assert {r["trace_id"] for r in slow} <= {r["trace_id"] for r in listed}
+    assert any(r["latency_ms"] > slo_ms for r in listed)
